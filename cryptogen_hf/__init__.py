@@ -1,0 +1,16 @@
+"""cryptogen_hf: private text generation for HuggingFace Transformers.
+
+Layout (one home per concern):
+  he/        BFV kernels on SEAL (tenseal.sealapi): keys, matrix products, cache layouts
+  mpc/       CrypTen secret-sharing runtime and non-linear ops (softmax, GELU, LayerNorm)
+  protocol/  conversions between HE ciphertexts and secret shares, transport
+  hf/        HuggingFace integration (model, encrypted cache)
+  server/    the model-hosting server
+"""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+# The small GPT-2 that ships with the package (made by scripts/train_small_model.py).
+SHIPPED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gpt2"
