@@ -76,8 +76,15 @@ def _torch_has_module(name: str) -> bool:
         return False
 
 
+def _is_stand_in(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and isinstance(getattr(module, "registry", None), _RemovedOnnxRegistry)
+
+
 def shim_needed() -> bool:
     """True when this torch lacks both ONNX registries CrypTen 0.4.1 imports."""
+    if _is_stand_in(_REMOVED_TORCH_MODULE):
+        return True
     return not (
         _torch_has_module("torch.onnx.symbolic_registry")
         or _torch_has_module(_REMOVED_TORCH_MODULE)
