@@ -1,0 +1,91 @@
+"""Settings shared by both parties, loadable by name (``configs/NAME.yaml``) or by path."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "configs", Path(__file__).resolve().parent / "configs")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message names the key."""
+
+
+@dataclass
+class HESettings:
+    poly_modulus_degree: int = 8192
+    plain_modulus_bits: int = 50
+
+
+@dataclass
+class FixedPointSettings:
+    activation_bits: int = 12
+    weight_bits: int = 14
+
+
+@dataclass
+class MPCSettings:
+    dealer: str = "ttp"
+
+
+@dataclass
+class TimeoutSettings:
+    peer_s: float = 120.0
+    startup_s: float = 180.0
+
+
+@dataclass
+class CryptoGenConfig:
+    he: HESettings = field(default_factory=HESettings)
+    fixed_point: FixedPointSettings = field(default_factory=FixedPointSettings)
+    mpc: MPCSettings = field(default_factory=MPCSettings)
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+
+    def validate(self) -> "CryptoGenConfig":
+        if self.mpc.dealer not in ("ttp", "client"):
+            raise ConfigError(f"mpc.dealer must be 'ttp' or 'client', got {self.mpc.dealer!r}")
+        if not 0 < self.fixed_point.activation_bits <= 16:
+            raise ConfigError(f"fixed_point.activation_bits must be in 1..16, got {self.fixed_point.activation_bits}")
+        if not 0 < self.fixed_point.weight_bits <= 20:
+            raise ConfigError(f"fixed_point.weight_bits must be in 1..20, got {self.fixed_point.weight_bits}")
+        if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0:
+            raise ConfigError("timeouts must be positive")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CryptoGenConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in (data or {}).items():
+            if key not in sections:
+                raise ConfigError(f"unknown config section {key!r} (known: {sorted(sections)})")
+            section_cls = {"he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings, "timeouts": TimeoutSettings}[key]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(value or {}) - known
+            if unknown:
+                raise ConfigError(f"unknown key(s) {sorted(unknown)} in section {key!r} (known: {sorted(known)})")
+            kwargs[key] = section_cls(**(value or {}))
+        return cls(**kwargs).validate()
+
+
+def load_config(name_or_path: str | Path | None = None) -> CryptoGenConfig:
+    """``None`` -> defaults; a name -> ``configs/<name>.yaml``; otherwise a YAML file path."""
+    if name_or_path is None:
+        return CryptoGenConfig().validate()
+    if isinstance(name_or_path, CryptoGenConfig):
+        return name_or_path.validate()
+    path = Path(name_or_path)
+    if not path.suffix:
+        candidates = [d / f"{name_or_path}.yaml" for d in CONFIG_DIRS]
+        path = next((c for c in candidates if c.exists()), candidates[0])
+    if not path.exists():
+        raise ConfigError(f"no config named or at {str(name_or_path)!r} (looked for {path})")
+    with open(path) as f:
+        return CryptoGenConfig.from_dict(yaml.safe_load(f))

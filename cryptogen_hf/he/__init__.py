@@ -1,0 +1,19 @@
+"""BFV homomorphic-encryption layer of CryptoGen (on tenseal.sealapi).
+
+params    HEParams: ring, batching prime p, 128-bit-secure q, fingerprint()
+keys      ClientHE (secret key owner) / ServerHE (from the public bundle only)
+noise     NoiseModel: server-side conservative noise-budget estimates
+matvec    DecodeMatvecPlan (one token, BSGS diagonals), PrefillMatvecPlan (T tokens)
+attention OuterAttentionPlan + OuterKVCache (prefill), InnerKVCache (decode tokens)
+"""
+
+from .attention import InnerKVCache, OuterAttentionPlan, OuterKVCache
+from .keys import CiphertextError, ClientHE, ServerHE
+from .matvec import DecodeMatvecPlan, PrefillMatvecPlan
+from .noise import NoiseModel
+from .params import HEParams
+
+__all__ = [
+    "HEParams", "ClientHE", "ServerHE", "CiphertextError", "NoiseModel",
+    "DecodeMatvecPlan", "PrefillMatvecPlan", "OuterAttentionPlan", "OuterKVCache", "InnerKVCache",
+]

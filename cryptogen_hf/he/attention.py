@@ -1,0 +1,334 @@
+"""Attention against the encrypted KV cache (ct x ct), two layouts.
+
+OUTER layout (prefill tokens, written once): per attention head a region of
+L slots in one row; the cache is stored as generalized *diagonals* of K (and
+of V), one ciphertext per diagonal k < d_head, pre-rotated for BSGS, so that
+
+  scores[h, t] = sum_j q[h, j] K[t, h, j]   (per head: K_h (T x d_head) @ q_h)
+  out[h, j]    = sum_t p[h, t] V[t, h, j]   (per head: V_h^T (d_head x T) @ p_h)
+
+are both the diagonal product of diagonal.py with the *client's fresh*
+query / probability ciphertext as the rotated input: d_head ct x ct products,
+one relinearization per giant step and ~2*sqrt(d_head) (+ log2(T/d_head) for
+out) rotations, independent of T. The client sends ONE query ciphertext and
+ONE probability ciphertext per step. (DESIGN section 5 speaks of "a ciphertext
+per feature column"; a diagonal is the same number of ciphertexts, and it
+avoids both replicating q per column and reducing over tokens inside slots.)
+
+INNER layout (generated tokens, appended one at a time): B = 2*floor(R/d)
+tokens per ciphertext (d = n_heads*d_head), token r of a block at slot
+row*R + (r mod Bh)*d (row = r // Bh, Bh = B/2) so that no token straddles
+the two rows. Appending = adding the client's fresh ciphertext that holds k
+at that offset (zeros elsewhere); a new ciphertext every B tokens.
+  scores: one query ct (q replicated at the B offsets) x each K block, relin,
+          then a fold over d_head slots (log2(d_head) rotations per block).
+  out:    the client sends one probability ct per block (p[h,t] repeated
+          over j), sum_b P_b x V_b, one relin, fold over the Bh tokens of a
+          row (stride d) and add the two rows (column rotation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tenseal.sealapi as sealapi
+
+from .diagonal import Region, WindowLayout, fold, fold_rotations, fold_steps
+
+
+def _apply_encrypted_diagonals(he, lay: WindowLayout, diag_cts, ct_in):
+    """z = sum_k rot(u, k) * D_k with encrypted (pre-rotated) diagonals, then fold."""
+    ev = he.evaluator
+    baby = [ct_in if b == 0 else he.rotate_rows(ct_in, b) for b in range(lay.n1)]
+    total = None
+    for g in range(lay.n2):
+        acc = None
+        for b in range(lay.n1):
+            d = diag_cts[g][b]
+            if d is None:
+                continue
+            prod = sealapi.Ciphertext()
+            ev.multiply(baby[b], d, prod)
+            if acc is None:
+                acc = prod
+            else:
+                ev.add_inplace(acc, prod)
+        if acc is None:
+            continue
+        # one relinearization per giant step (rotation needs a size-2 ciphertext)
+        ev.relinearize_inplace(acc, he.relin_keys)
+        if g:
+            acc = he.rotate_rows(acc, g * lay.n1)
+        if total is None:
+            total = acc
+        else:
+            ev.add_inplace(total, acc)
+    return fold(he, total, lay.c, lay.K)
+
+
+class OuterAttentionPlan:
+    """Shape-only plan for the outer (prefill) part of the cache: H heads, d_head, T tokens."""
+
+    def __init__(self, n_heads: int, d_head: int, T: int, params, n1: int | None = None):
+        self.H, self.dh, self.T = n_heads, d_head, T
+        self.n_slots, R = params.slot_count, params.row_size
+        self.c_out = -(-T // d_head)
+        L = self.c_out * d_head + d_head - 1  # fits both the score and the output windows
+        per_row = R // L
+        if 2 * per_row < n_heads:
+            raise ValueError(
+                f"outer layout: {n_heads} heads x {L} slots do not fit in 2 rows of {R}; "
+                f"use at most {self._max_T(n_heads, d_head, R)} tokens per outer tile"
+            )
+        regions = [Region(h // per_row, (h % per_row) * L, L, h) for h in range(n_heads)]
+        n1 = n1 or max(1, 2 ** round(math.log2(math.sqrt(d_head))))
+        self.scores_layout = WindowLayout(self.n_slots, R, d_head, 1, d_head, n1, regions)
+        self.scores_layout.assign_outputs({h: list(range(T)) for h in range(n_heads)})
+        self.out_layout = WindowLayout(self.n_slots, R, T, self.c_out, d_head, n1, regions)
+        self.out_layout.assign_outputs({h: list(range(d_head)) for h in range(n_heads)})
+
+    @staticmethod
+    def _max_T(H, dh, R):
+        per_row = -(-H // 2)
+        return ((R // per_row - dh + 1) // dh) * dh
+
+    # -- client side -----------------------------------------------------------
+    def pack_keys(self, K) -> tuple[np.ndarray, np.ndarray]:
+        """K: (T, H, d_head) ints -> (diagonal slot arrays (n2, n1, N), nonzero mask)."""
+        K = np.asarray(K, dtype=np.int64)
+        return self.scores_layout.diagonals(lambda h, t, j: K[t, h, j])
+
+    def pack_values(self, V):
+        V = np.asarray(V, dtype=np.int64)
+        return self.out_layout.diagonals(lambda h, j, t: V[t, h, j])
+
+    def pack_query(self, q) -> np.ndarray:
+        q = np.asarray(q, dtype=np.int64).reshape(self.H, self.dh)
+        return self.scores_layout.pack_input({h: q[h] for h in range(self.H)})
+
+    def pack_probs(self, p) -> np.ndarray:
+        p = np.asarray(p, dtype=np.int64).reshape(self.H, self.T)
+        return self.out_layout.pack_input({h: p[h] for h in range(self.H)})
+
+    def unpack_scores(self, slots) -> np.ndarray:
+        slots = np.asarray(slots).reshape(-1)
+        lay = self.scores_layout
+        s = np.zeros((self.H, self.T), dtype=slots.dtype)
+        s[lay.out_head, lay.out_index] = slots[lay.out_slot]
+        return s
+
+    def unpack_out(self, slots) -> np.ndarray:
+        slots = np.asarray(slots).reshape(-1)
+        lay = self.out_layout
+        o = np.zeros((self.H, self.dh), dtype=slots.dtype)
+        o[lay.out_head, lay.out_index] = slots[lay.out_slot]
+        return o
+
+    def galois_steps(self) -> set[int]:
+        steps = set()
+        for lay in (self.scores_layout, self.out_layout):
+            steps |= set(range(1, lay.n1)) | {g * lay.n1 for g in range(1, lay.n2)} | set(lay.fold_steps())
+        return steps
+
+    # -- server side -----------------------------------------------------------
+    def scores(self, he, cache: "OuterKVCache", q_ct):
+        return _apply_encrypted_diagonals(he, self.scores_layout, cache.k_diag, q_ct)
+
+    def attend(self, he, cache: "OuterKVCache", p_ct):
+        return _apply_encrypted_diagonals(he, self.out_layout, cache.v_diag, p_ct)
+
+    def estimate_budget(self, model, b_cache: float, which: str = "scores") -> float:
+        lay = self.scores_layout if which == "scores" else self.out_layout
+        b_in = model.after_rotate(model.fresh)
+        b = model.after_mul(b_in, b_cache)
+        b = model.sum_of(b, lay.n1)
+        b = model.after_relin(b)
+        b = model.after_rotate(b)
+        b = model.sum_of(b, lay.n2)
+        return model.after_rotate(b, fold_rotations(lay.c)) - math.log2(max(lay.c, 1))
+
+
+class OuterKVCache:
+    """Server-side container: encrypted K and V diagonals of the prefill tokens."""
+
+    def __init__(self, plan: OuterAttentionPlan, k_diag, v_diag, fresh_budget: float):
+        self.plan = plan
+        self.k_diag, self.v_diag = k_diag, v_diag  # (n2 x n1) nested lists of Ciphertext | None
+        self.n_tokens = plan.T
+        self.est_budget = {id(c): fresh_budget for row in k_diag + v_diag for c in row if c is not None}
+
+    def _cts(self):
+        return [c for row in self.k_diag + self.v_diag for c in row if c is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.size() * c.coeff_modulus_size() * c.poly_modulus_degree() * 8 for c in self._cts())
+
+    def min_budget(self) -> float:
+        return min(self.est_budget.values())
+
+    def needs_refresh(self, threshold_bits: float) -> bool:
+        return self.min_budget() < threshold_bits
+
+
+class InnerKVCache:
+    """Server-side container for generated tokens, B tokens per ciphertext.
+
+    Estimated noise budget per ciphertext: the sum of k fresh encryptions has
+    at most k times the noise, i.e. budget >= fresh - log2(k); a plaintext
+    0/1 mask multiply (server-side tokens) costs a ct x pt on top.
+    """
+
+    def __init__(self, n_heads: int, d_head: int, params, noise_model=None):
+        self.H, self.dh = n_heads, d_head
+        self.d = n_heads * d_head
+        self.n_slots, self.R = params.slot_count, params.row_size
+        self.Bh = self.R // self.d
+        if self.Bh < 1:
+            raise ValueError(f"inner layout needs d={self.d} <= row size {self.R}")
+        self.B = 2 * self.Bh
+        self.model = noise_model
+        self.k_cts, self.v_cts = [], []
+        self.est_budget = []  # per block: estimated budget of the weaker of (K, V)
+        self._worst_add = []  # per block: budget of the weakest addend
+        self._n_addends = []
+        self.n_tokens = 0
+
+    # -- layout (client and server) ------------------------------------------
+    def slot_offset(self, t: int) -> int:
+        r = t % self.B
+        return (r // self.Bh) * self.R + (r % self.Bh) * self.d
+
+    def pack_token(self, vec, t: int) -> np.ndarray:
+        """The client's fresh slots for token t's k (or v): d features at slot_offset(t)."""
+        out = np.zeros(self.n_slots, dtype=np.int64)
+        o = self.slot_offset(t)
+        out[o : o + self.d] = np.asarray(vec, dtype=np.int64).reshape(-1)
+        return out
+
+    def pack_query(self, q) -> np.ndarray:
+        q = np.asarray(q, dtype=np.int64).reshape(-1)
+        out = np.zeros(self.n_slots, dtype=np.int64)
+        for r in range(self.B):
+            o = self.slot_offset(r)
+            out[o : o + self.d] = q
+        return out
+
+    def pack_probs(self, p, n_tokens: int | None = None) -> np.ndarray:
+        """p: (H, T_inner) -> one slot array per block: p[h, t] repeated over the d_head features."""
+        p = np.asarray(p, dtype=np.int64)
+        T = p.shape[1] if n_tokens is None else n_tokens
+        nb = -(-T // self.B)
+        out = np.zeros((nb, self.n_slots), dtype=np.int64)
+        for t in range(T):
+            o = self.slot_offset(t)
+            out[t // self.B, o : o + self.d] = np.repeat(p[:, t], self.dh)
+        return out
+
+    def unpack_scores(self, slots_per_block, n_tokens: int | None = None) -> np.ndarray:
+        T = self.n_tokens if n_tokens is None else n_tokens
+        s = np.zeros((self.H, T), dtype=np.asarray(slots_per_block[0]).dtype)
+        for t in range(T):
+            o = self.slot_offset(t)
+            s[:, t] = np.asarray(slots_per_block[t // self.B])[o + np.arange(self.H) * self.dh]
+        return s
+
+    def unpack_out(self, slots) -> np.ndarray:
+        return np.asarray(slots)[: self.d].reshape(self.H, self.dh)
+
+    def galois_steps(self) -> set[int]:
+        steps = set(fold_steps(self.dh, 1)) | set(fold_steps(self.Bh, self.d))
+        if self.Bh > 1 or True:
+            steps.add(0)  # column rotation: add the two rows
+        return steps
+
+    # -- appends (server) ---------------------------------------------------------
+    def _add_to_block(self, he, k_ct, v_ct, addend_budget):
+        t = self.n_tokens
+        if t % self.B == 0:
+            self.k_cts.append(k_ct)
+            self.v_cts.append(v_ct)
+            self._n_addends.append(1)
+            self._worst_add.append(addend_budget)
+        else:
+            he.evaluator.add_inplace(self.k_cts[-1], k_ct)
+            he.evaluator.add_inplace(self.v_cts[-1], v_ct)
+            self._n_addends[-1] += 1
+            self._worst_add[-1] = min(self._worst_add[-1], addend_budget)
+        b = self._worst_add[-1] - math.log2(self._n_addends[-1])
+        if len(self.est_budget) < len(self.k_cts):
+            self.est_budget.append(b)
+        else:
+            self.est_budget[-1] = b
+        self.n_tokens += 1
+
+    def append(self, he, k_ct, v_ct):
+        """Fresh client ciphertexts already placed at slot_offset(n_tokens), zeros elsewhere."""
+        self._add_to_block(he, k_ct, v_ct, self.model.fresh)
+
+    def append_masked(self, he, k_ct, v_ct, b_in: float | None = None):
+        """Token computed at the server: k/v at slot_offset(t) but other slots arbitrary.
+
+        Multiply by a plaintext 0/1 mask of the token's slot range, then add.
+        """
+        o = self.slot_offset(self.n_tokens)
+        mask = np.zeros(self.n_slots, dtype=np.int64)
+        mask[o : o + self.d] = 1
+        pt = he.encode(mask)
+        ks, vs = sealapi.Ciphertext(), sealapi.Ciphertext()
+        he.evaluator.multiply_plain(k_ct, pt, ks)
+        he.evaluator.multiply_plain(v_ct, pt, vs)
+        b = self.model.after_mul_plain(self.model.fresh if b_in is None else b_in)
+        self._add_to_block(he, ks, vs, b)
+
+    def replace_block(self, i: int, k_ct, v_ct):
+        """After a client-side refresh (mask, decrypt, re-encrypt, unmask)."""
+        self.k_cts[i], self.v_cts[i] = k_ct, v_ct
+        self._n_addends[i] = 1
+        self._worst_add[i] = self.model.fresh - 1  # unmask = one plaintext subtraction
+        self.est_budget[i] = self._worst_add[i]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.size() * c.coeff_modulus_size() * c.poly_modulus_degree() * 8 for c in self.k_cts + self.v_cts)
+
+    def needs_refresh(self, threshold_bits: float) -> bool:
+        return any(b < threshold_bits for b in self.est_budget)
+
+    # -- kernels (server) ---------------------------------------------------------
+    def scores(self, he, q_ct) -> list:
+        """One output ciphertext per block; score (h, t) at slot_offset(t) + h*d_head."""
+        outs = []
+        for k in self.k_cts:
+            m = sealapi.Ciphertext()
+            he.evaluator.multiply(q_ct, k, m)
+            he.evaluator.relinearize_inplace(m, he.relin_keys)
+            outs.append(fold(he, m, self.dh, 1))
+        return outs
+
+    def attend(self, he, p_cts):
+        """sum_t p[h,t] V[t,h,:] -> one ciphertext, (h, j) at slot h*d_head + j of row 0."""
+        ev = he.evaluator
+        acc = None
+        for p, v in zip(p_cts, self.v_cts):
+            m = sealapi.Ciphertext()
+            ev.multiply(p, v, m)
+            if acc is None:
+                acc = m
+            else:
+                ev.add_inplace(acc, m)
+        ev.relinearize_inplace(acc, he.relin_keys)
+        acc = fold(he, acc, self.Bh, self.d)
+        ev.add_inplace(acc, he.rotate_columns(acc))
+        return acc
+
+    def estimate_budget(self, which: str = "scores") -> float:
+        m = self.model
+        b = m.after_mul(m.fresh, min(self.est_budget))
+        if which == "scores":
+            b = m.after_relin(b)
+            return m.after_rotate(b, fold_rotations(self.dh)) - math.log2(self.dh)
+        b = m.sum_of(b, len(self.v_cts))
+        b = m.after_relin(b)
+        return m.after_rotate(b, fold_rotations(self.Bh) + 1) - math.log2(self.B)

@@ -1,0 +1,113 @@
+"""BFV parameters for the HE half of CryptoGen.
+
+One `HEParams` object fixes the ring (N), the plaintext modulus p (a batching
+prime, p = 1 mod 2N, so that the N slots form a 2 x N/2 matrix) and the
+ciphertext modulus q (SEAL's BFVDefault chain, which SEAL itself sizes for
+128-bit security under the HomomorphicEncryption.org standard).
+
+Why p ~ 2^50 (see scripts/measure_noise.py for the measurement): our largest
+HE results are sums of 3072 products of two 13-14 bit fixed-point operands,
+|y| < 2^(14+14+12) = 2^40, so anything below ~42 bits overflows (-p/2, p/2)
+in the worst case. At N = 8192, p = 2^50 still leaves 116 bits of fresh
+budget, ~46 after the deepest plaintext kernel (3072x768 matvec) and ~35
+after the deepest ciphertext kernel (ct x ct + relin + rotations + sums),
+i.e. well above the 20-bit safety margin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import tenseal.sealapi as sealapi
+
+# SEAL's security table (HomomorphicEncryption.org standard) bounds log2(q)
+# for a given N; BFVDefault() returns a chain inside that bound.
+_SEC_LEVEL = sealapi.SEC_LEVEL_TYPE.TC128
+
+
+@dataclass
+class HEParams:
+    poly_modulus_degree: int = 8192
+    plain_modulus_bits: int = 50
+    # Filled in __post_init__ unless given explicitly (e.g. when rebuilding
+    # the exact parameters received in a handshake).
+    plain_modulus: int | None = None
+    coeff_modulus: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = self.poly_modulus_degree
+        if n & (n - 1) or n < 1024:
+            raise ValueError(f"poly_modulus_degree must be a power of two >= 1024, got {n}")
+        if self.plain_modulus is None:
+            self.plain_modulus = sealapi.PlainModulus.Batching(n, self.plain_modulus_bits).value()
+        if self.plain_modulus % (2 * n) != 1:
+            raise ValueError(f"plain modulus {self.plain_modulus} is not a batching prime (p = 1 mod 2N)")
+        self.plain_modulus_bits = self.plain_modulus.bit_length()
+        if not self.coeff_modulus:
+            self.coeff_modulus = [m.value() for m in sealapi.CoeffModulus.BFVDefault(n, _SEC_LEVEL)]
+        self.check_security()
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def coeff_modulus_bits(self) -> int:
+        return sum(q.bit_length() for q in self.coeff_modulus)
+
+    def check_security(self) -> None:
+        """Refuse parameter sets below 128-bit security.
+
+        SEAL's MaxBitCount(N, tc128) is the largest total log2(q) that keeps
+        128-bit security for this N; a larger q makes the lattice easier.
+        """
+        max_bits = sealapi.CoeffModulus.MaxBitCount(self.poly_modulus_degree, _SEC_LEVEL)
+        if self.coeff_modulus_bits > max_bits:
+            raise ValueError(
+                f"coeff modulus of {self.coeff_modulus_bits} bits exceeds {max_bits} bits, "
+                f"the 128-bit security bound for N={self.poly_modulus_degree}"
+            )
+        if self.plain_modulus_bits >= min(q.bit_length() for q in self.coeff_modulus[:-1]) + 20:
+            raise ValueError("plain modulus too large for this coefficient modulus (no noise budget left)")
+
+    # ---------------------------------------------------------------- context
+    @property
+    def slot_count(self) -> int:
+        return self.poly_modulus_degree
+
+    @property
+    def row_size(self) -> int:
+        # Batching slots form a 2 x (N/2) matrix; rotate_rows acts on each row.
+        return self.poly_modulus_degree // 2
+
+    def encryption_parameters(self) -> sealapi.EncryptionParameters:
+        parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.BFV)
+        parms.set_poly_modulus_degree(self.poly_modulus_degree)
+        parms.set_coeff_modulus([sealapi.Modulus(q) for q in self.coeff_modulus])
+        parms.set_plain_modulus(sealapi.Modulus(self.plain_modulus))
+        return parms
+
+    def make_context(self) -> sealapi.SEALContext:
+        # expand_mod_chain=True, and SEAL re-checks the security level itself.
+        ctx = sealapi.SEALContext(self.encryption_parameters(), True, _SEC_LEVEL)
+        if not ctx.parameters_set():
+            raise ValueError(f"SEAL rejected the parameters: {ctx.parameters_error_message()}")
+        return ctx
+
+    def fingerprint(self) -> str:
+        """Stable identifier of the parameter set, for handshakes."""
+        text = f"bfv|N={self.poly_modulus_degree}|p={self.plain_modulus}|q={','.join(map(str, self.coeff_modulus))}|tc128"
+        return "bfv-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {
+            "poly_modulus_degree": self.poly_modulus_degree,
+            "plain_modulus": self.plain_modulus,
+            "coeff_modulus": list(self.coeff_modulus),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HEParams":
+        return cls(
+            poly_modulus_degree=int(d["poly_modulus_degree"]),
+            plain_modulus=int(d["plain_modulus"]),
+            coeff_modulus=[int(q) for q in d["coeff_modulus"]],
+        )

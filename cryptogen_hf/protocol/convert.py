@@ -1,0 +1,139 @@
+"""Conversions between CrypTen secret shares and BFV ciphertexts (DESIGN section 3).
+
+Both functions are SPMD: the server and the client call them at the same
+point of the protocol with their own ``Party``; CrypTen's communicator carries
+the share arithmetic, ``party.channel`` the ciphertexts and masked vectors.
+
+Numbers: CrypTen shares live in Z_{2^64} with ``CRYPTEN_FRAC_BITS`` = 16
+fractional bits; HE plaintexts live in Z_p (p the BFV batching prime), values
+centred in (-p/2, p/2) with a per-use number of fractional bits.
+
+shares -> HE (``shares_to_he``), one message each way, no comparison:
+  server draws s uniform in Z_{2^64} and sends  u = x_server + s  to the client;
+  the client computes z = x_client + u = x + s (mod 2^64): a uniform value,
+  perfectly hiding x. Both truncate their value by the same number of bits
+  (z >> k, s >> k, read as unsigned) and reduce mod p; the client encrypts
+  its value in the kernel's input layout, the server subtracts its own from
+  the ciphertext. Result: Enc(x >> k) up to one unit in the last place.
+  This deviates from DESIGN section 3 (which opens (x + s) mod p computed in
+  CrypTen with comparisons): hiding is still perfect, and the only cost is a
+  correctness failure when x + s wraps 2^64, probability |x| / 2^64 (below
+  2^-40 for every activation we convert), the same failure CrypTen accepts in
+  its own two-party truncation. It saves the comparison rounds of every
+  conversion.
+
+HE -> shares (``he_to_shares``), one message plus one secure comparison:
+  the server adds H + r to every slot of the result ciphertext (r uniform in
+  Z_p, H = floor(p/2) so that the centred y becomes y + H in [0, p)), and
+  sends it; the client decrypts a = (y + H + r) mod p, uniform in Z_p. Then
+  y = a - r - H + p * [a < r] over the integers; CrypTen computes the wrap
+  bit [a < r] from the parties' inputs a and -r with one batched comparison,
+  and rescales to 16 fractional bits. Every slot is masked, not only the
+  output slots: slots outside the output hold partial sums of the server's
+  weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..crypten_compat import import_crypten
+from .randomness import uniform_mod, uniform_ring64
+from .wire import pack_array, pack_blobs, unpack_array, unpack_blobs
+
+CRYPTEN_FRAC_BITS = 16
+
+
+def _mpc():
+    return import_crypten().mpc
+
+
+def _check_frac_bits(frac_bits: int):
+    if not 0 <= frac_bits <= 40:
+        raise ValueError(f"fractional bits must be in [0, 40], got {frac_bits}")
+
+
+def shares_to_he(party, x, layout, frac_bits: int):
+    """Secret-shared ``x`` (an MPCTensor) -> ciphertexts at the server, laid out for a kernel.
+
+    Args:
+        party: this process's :class:`~cryptogen_hf.protocol.party.Party`.
+        x: CrypTen MPCTensor with 16 fractional bits; flattened in C order.
+        layout: object with ``pack_input(values_mod_p) -> list[np.ndarray]`` giving
+            the slot vectors (a linear placement: copies and zeros only).
+        frac_bits: fractional bits the kernel wants (<= 16).
+
+    Returns: the server's list of ciphertexts Enc(x); ``None`` at the client.
+    """
+    _check_frac_bits(frac_bits)
+    if frac_bits > CRYPTEN_FRAC_BITS:
+        raise ValueError(f"cannot add precision in a conversion ({frac_bits} > {CRYPTEN_FRAC_BITS} bits)")
+    shift = np.uint64(CRYPTEN_FRAC_BITS - frac_bits)
+    p = np.uint64(party.he.plain_modulus)
+    share = x.share.detach().reshape(-1).cpu().numpy().astype(np.int64)
+    n = share.size
+
+    if party.is_server:
+        s = uniform_ring64(n)
+        party.channel.send("to_he.masked_share", pack_array(share + s))  # int64 adds wrap mod 2^64
+        blobs = unpack_blobs(party.channel.recv_payload("to_he.ciphertexts"))
+        ciphertexts = [party.he.load_ct(blob) for blob in blobs]
+        s_truncated = (s.view(np.uint64) >> shift) % p
+        masks = layout.pack_input(s_truncated)
+        if len(masks) != len(ciphertexts):
+            raise ValueError(f"client sent {len(ciphertexts)} ciphertexts, layout expects {len(masks)}")
+        for ct, mask in zip(ciphertexts, masks):
+            party.he.sub_plain_inplace(ct, mask)
+        return ciphertexts
+
+    masked = unpack_array(party.channel.recv_payload("to_he.masked_share"), n, "masked share")
+    z = (share + masked).view(np.uint64)  # x + s mod 2^64, uniformly distributed
+    z_truncated = (z >> shift) % p
+    slots = layout.pack_input(z_truncated)
+    party.channel.send("to_he.ciphertexts", pack_blobs([party.he.serialize_ct(party.he.encrypt(v)) for v in slots]))
+    return None
+
+
+def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int):
+    """Ciphertexts at the server -> secret shares (MPCTensor, 16 fractional bits) of the ``n`` outputs.
+
+    Args:
+        ciphertexts: the server's list of result ciphertexts (ignored at the client).
+        layout: object with ``unpack_output(list of slot vectors) -> np.ndarray`` that
+            GATHERS the n output slots (no arithmetic, so it applies to masks too).
+        frac_bits: fractional bits of the plaintext values in the ciphertexts.
+        n: number of output values (public).
+    """
+    _check_frac_bits(frac_bits)
+    mpc = _mpc()
+    p = int(party.he.plain_modulus)
+    half = p // 2
+
+    if party.is_server:
+        masks = []
+        blobs = []
+        for ct in ciphertexts:
+            r = uniform_mod(p, party.he.slot_count)
+            masks.append(r)
+            party.he.add_plain_inplace(ct, (r + np.uint64(half)) % np.uint64(p))
+            blobs.append(party.he.serialize_ct(party.he.prepare_for_client(ct)))
+        party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
+        r_out = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)
+        local = -(r_out.astype(np.int64))
+    else:
+        blobs = unpack_blobs(party.channel.recv_payload("from_he.ciphertexts"))
+        slots = [party.he.decrypt(party.he.load_ct(blob)) for blob in blobs]
+        local = np.asarray(layout.unpack_output(slots), dtype=np.uint64).reshape(-1).astype(np.int64)
+    if local.size != n:
+        raise ValueError(f"layout produced {local.size} outputs, expected {n}")
+
+    # d = a - r over the integers, |d| < p: shares (client a, server -r), scale 1.
+    d = mpc.MPCTensor.from_shares(torch.from_numpy(local), precision=0)
+    wrapped = d._ltz()  # shares of [a < r], one batched comparison
+    y = d + wrapped * p - half  # y * 2^frac_bits, exact
+    if frac_bits > CRYPTEN_FRAC_BITS:
+        y = y.div(1 << (frac_bits - CRYPTEN_FRAC_BITS))  # CrypTen's two-party local truncation
+    elif frac_bits < CRYPTEN_FRAC_BITS:
+        y = y * (1 << (CRYPTEN_FRAC_BITS - frac_bits))
+    return mpc.MPCTensor.from_shares(y.share, precision=CRYPTEN_FRAC_BITS)

@@ -1,0 +1,182 @@
+"""Exactness and safety tests of the BFV kernels (small shapes, one 768x768)."""
+
+import numpy as np
+import pytest
+import tenseal.sealapi as sealapi
+
+from cryptogen_hf.he import (
+    CiphertextError, ClientHE, DecodeMatvecPlan, HEParams, InnerKVCache,
+    OuterAttentionPlan, OuterKVCache, PrefillMatvecPlan, ServerHE,
+)
+
+H, DH, T_OUT, T_IN = 4, 48, 40, 45  # small model: d = 192
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = HEParams()
+    client = ClientHE(params)
+    plans = {
+        "mv_small": DecodeMatvecPlan(192, 576, params),
+        "mv_768": DecodeMatvecPlan(768, 768, params),
+        "mv_tall": DecodeMatvecPlan(192, 4096, params),
+        "outer": OuterAttentionPlan(H, DH, T_OUT, params),
+    }
+    inner = InnerKVCache(H, DH, params)
+    steps = set().union(*[p.galois_steps() for p in plans.values()]) | inner.galois_steps()
+    bundle = client.public_bundle(steps)
+    server = ServerHE.from_bundle(bundle)
+    return params, client, server, plans, bundle
+
+
+def centred(v, p):
+    v = np.mod(v, p)
+    return np.where(v > p // 2, v - p, v)
+
+
+def test_params_security_and_fingerprint():
+    params = HEParams()
+    assert params.plain_modulus % (2 * params.poly_modulus_degree) == 1
+    assert params.fingerprint() == HEParams.from_dict(params.to_dict()).fingerprint()
+    with pytest.raises(ValueError):
+        HEParams(coeff_modulus=[m.value() for m in sealapi.CoeffModulus.Create(8192, [60] * 5)])
+
+
+def test_encrypt_decrypt_negative(setup):
+    params, client, *_ = setup
+    x = np.array([-5, 0, 7, -(params.plain_modulus // 2)])
+    got = client.decrypt(client.encrypt(x))
+    assert np.array_equal(got[:4], np.mod(x, params.plain_modulus).astype(np.uint64))
+    assert not got[4:].any()
+
+
+@pytest.mark.parametrize("name,shape", [("mv_small", (192, 576)), ("mv_768", (768, 768)), ("mv_tall", (192, 4096))])
+def test_decode_matvec_exact(setup, name, shape):
+    params, client, server, plans, _ = setup
+    plan, rng = plans[name], np.random.default_rng(1)
+    W = rng.integers(-8192, 8192, shape)
+    x = rng.integers(-8192, 8192, shape[0])
+    enc = plan.encode_weights(server, W)
+    outs = plan.apply(server, enc, client.encrypt(plan.pack_input(x)))
+    y = plan.unpack_output([client.decrypt(o) for o in outs])
+    assert np.array_equal(y.astype(np.int64), np.mod(x @ W, params.plain_modulus))
+    est = plan.estimate_budget(server.noise_model, server.noise_model.fresh)
+    assert est <= min(client.noise_budget(o) for o in outs)
+
+
+@pytest.mark.parametrize("T", [5, 3000])  # G = 1638 segments / G = 2 segments
+def test_prefill_matvec_exact(setup, T):
+    params, client, server, *_ = setup
+    rng = np.random.default_rng(2)
+    plan = PrefillMatvecPlan(6, 5, T, params)
+    W, X = rng.integers(-8192, 8192, (6, 5)), rng.integers(-8192, 8192, (T, 6))
+    outs = plan.apply(server, plan.encode_weights(server, W), [client.encrypt(s) for s in plan.pack_input(X)])
+    Y = plan.unpack_output([client.decrypt_centered(o) for o in outs])
+    assert np.array_equal(Y, X @ W)
+
+
+def test_prefill_scalar_path(setup):
+    params, client, server, *_ = setup
+    rng = np.random.default_rng(3)
+    plan = PrefillMatvecPlan(3, 2, 5000, params)  # G == 1: scalar plaintexts
+    W, X = rng.integers(-8192, 8192, (3, 2)), rng.integers(-8192, 8192, (5000, 3))
+    outs = plan.apply(server, plan.encode_weights(server, W), [client.encrypt(s) for s in plan.pack_input(X)])
+    assert np.array_equal(plan.unpack_output([client.decrypt_centered(o) for o in outs]), X @ W)
+
+
+def test_server_bundle_cannot_decrypt(setup):
+    params, client, server, _, bundle = setup
+    assert not hasattr(server, "decryptor") and not hasattr(server, "_secret_key")
+    # the secret key's serialization (its key material) is not in the bundle
+    sk = client.secret_key_bytes()
+    assert sk[-4096:] not in bundle and sk[len(sk) // 2 : len(sk) // 2 + 256] not in bundle
+    # a fresh unrelated key (all a server could make) decrypts to garbage
+    x = np.arange(100)
+    ct = server.encrypt(x)
+    other = sealapi.KeyGenerator(server.context)
+    dec = sealapi.Decryptor(server.context, other.secret_key())
+    pt = sealapi.Plaintext()
+    dec.decrypt(ct, pt)
+    assert not np.array_equal(np.asarray(server.encoder.decode_uint64(pt))[:100], x)
+    assert np.array_equal(client.decrypt(ct)[:100], x)  # the client's key does
+
+
+def test_corrupted_ciphertext_bytes(setup):
+    params, client, server, *_ = setup
+    data = server.serialize_ct(client.encrypt(np.arange(10)))
+    assert np.array_equal(client.decrypt(server.load_ct(data))[:10], np.arange(10))
+    with pytest.raises(CiphertextError):
+        server.load_ct(data[: len(data) // 2])
+    bad = bytearray(data)
+    bad[40:80] = b"\xff" * 40
+    with pytest.raises(CiphertextError):
+        server.load_ct(bytes(bad))
+    with pytest.raises(CiphertextError):
+        server.load_ct(b"garbage")
+
+
+def test_outer_attention_exact(setup):
+    params, client, server, plans, _ = setup
+    plan, rng, p = plans["outer"], np.random.default_rng(4), params.plain_modulus
+    K, V = rng.integers(-4096, 4096, (T_OUT, H, DH)), rng.integers(-4096, 4096, (T_OUT, H, DH))
+    q, pr = rng.integers(-4096, 4096, (H, DH)), rng.integers(0, 4096, (H, T_OUT))
+    Dk, nk = plan.pack_keys(K)
+    Dv, nv = plan.pack_values(V)
+    enc = lambda D, nz: [[client.encrypt(D[g, b]) if nz[g, b] else None for b in range(D.shape[1])] for g in range(D.shape[0])]
+    cache = OuterKVCache(plan, enc(Dk, nk), enc(Dv, nv), server.noise_model.fresh)
+    assert cache.n_tokens == T_OUT and cache.nbytes > 0 and not cache.needs_refresh(20)
+    s = plan.scores(server, cache, client.encrypt(plan.pack_query(q)))
+    o = plan.attend(server, cache, client.encrypt(plan.pack_probs(pr)))
+    assert np.array_equal(plan.unpack_scores(client.decrypt_centered(s)), centred(np.einsum("hj,thj->ht", q, K), p))
+    assert np.array_equal(plan.unpack_out(client.decrypt_centered(o)), centred(np.einsum("ht,thj->hj", pr, V), p))
+    m = server.noise_model
+    assert plan.estimate_budget(m, m.fresh, "scores") <= client.noise_budget(s)
+    assert plan.estimate_budget(m, m.fresh, "out") <= client.noise_budget(o)
+
+
+def test_inner_cache_append_and_attention(setup):
+    params, client, server, *_ = setup
+    rng, p = np.random.default_rng(5), params.plain_modulus
+    cache = InnerKVCache(H, DH, params, server.noise_model)
+    assert cache.B == 42
+    K, V = rng.integers(-4096, 4096, (T_IN, H, DH)), rng.integers(-4096, 4096, (T_IN, H, DH))
+    for t in range(T_IN):
+        if t == T_IN - 1:  # last token "computed at the server": garbage outside its slots
+            junk = rng.integers(0, p, params.slot_count)
+            kk, vv = cache.pack_token(K[t], t), cache.pack_token(V[t], t)
+            o = cache.slot_offset(t)
+            junk_k, junk_v = junk.copy(), junk.copy()
+            junk_k[o : o + cache.d], junk_v[o : o + cache.d] = kk[o : o + cache.d], vv[o : o + cache.d]
+            cache.append_masked(server, client.encrypt(junk_k), client.encrypt(junk_v))
+        else:
+            cache.append(server, client.encrypt(cache.pack_token(K[t], t)), client.encrypt(cache.pack_token(V[t], t)))
+    assert cache.n_tokens == T_IN and len(cache.k_cts) == 2
+    # tokens sit at the right slots (row-aware offsets), zeros elsewhere in the first block
+    blk0 = client.decrypt_centered(cache.k_cts[0])
+    expect = np.zeros(params.slot_count, dtype=np.int64)
+    for t in range(42):
+        o = cache.slot_offset(t)
+        expect[o : o + cache.d] = K[t].reshape(-1)
+    assert np.array_equal(blk0, expect)
+    assert cache.slot_offset(21) == params.row_size
+    # estimates are conservative
+    for ct, est in zip(cache.k_cts, cache.est_budget):
+        assert est <= client.noise_budget(ct)
+    # The masked (server-side) append cost a full ct x pt: block 1 no longer has
+    # room for a ct x ct product, and the estimate says so -> lazy refresh
+    # (in the protocol: server masks, client decrypts + re-encrypts, server unmasks).
+    need = server.noise_model.mul + 20
+    assert cache.needs_refresh(need)
+    for i, b in enumerate(cache.est_budget):
+        if b < need:
+            cache.replace_block(i, client.encrypt(client.decrypt(cache.k_cts[i])), client.encrypt(client.decrypt(cache.v_cts[i])))
+    assert not cache.needs_refresh(need)
+    q, pr = rng.integers(-4096, 4096, (H, DH)), rng.integers(0, 4096, (H, T_IN))
+    ss = cache.scores(server, client.encrypt(cache.pack_query(q)))
+    S = cache.unpack_scores([client.decrypt_centered(x) for x in ss])
+    assert np.array_equal(S, centred(np.einsum("hj,thj->ht", q, K), p))
+    out = cache.attend(server, [client.encrypt(x) for x in cache.pack_probs(pr)])
+    assert np.array_equal(cache.unpack_out(client.decrypt_centered(out)), centred(np.einsum("ht,thj->hj", pr, V), p))
+    assert cache.estimate_budget("scores") <= min(client.noise_budget(x) for x in ss)
+    assert cache.estimate_budget("out") <= client.noise_budget(out)
+    assert not cache.needs_refresh(20) and cache.needs_refresh(1000)
