@@ -70,7 +70,7 @@ def shares_to_he(party, x, layout, frac_bits: int):
     if frac_bits > CRYPTEN_FRAC_BITS:
         raise ValueError(f"cannot add precision in a conversion ({frac_bits} > {CRYPTEN_FRAC_BITS} bits)")
     shift = np.uint64(CRYPTEN_FRAC_BITS - frac_bits)
-    p = np.uint64(party.he.plain_modulus)
+    p = np.uint64(party.he.p)
     share = x.share.detach().reshape(-1).cpu().numpy().astype(np.int64)
     n = share.size
 
@@ -83,9 +83,7 @@ def shares_to_he(party, x, layout, frac_bits: int):
         masks = layout.pack_input(s_truncated)
         if len(masks) != len(ciphertexts):
             raise ValueError(f"client sent {len(ciphertexts)} ciphertexts, layout expects {len(masks)}")
-        for ct, mask in zip(ciphertexts, masks):
-            party.he.sub_plain_inplace(ct, mask)
-        return ciphertexts
+        return [party.he.sub_plain(ct, mask) for ct, mask in zip(ciphertexts, masks)]
 
     masked = unpack_array(party.channel.recv_payload("to_he.masked_share"), n, "masked share")
     z = (share + masked).view(np.uint64)  # x + s mod 2^64, uniformly distributed
@@ -95,7 +93,7 @@ def shares_to_he(party, x, layout, frac_bits: int):
     return None
 
 
-def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int):
+def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_addend=None):
     """Ciphertexts at the server -> secret shares (MPCTensor, 16 fractional bits) of the ``n`` outputs.
 
     Args:
@@ -104,10 +102,12 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int):
             GATHERS the n output slots (no arithmetic, so it applies to masks too).
         frac_bits: fractional bits of the plaintext values in the ciphertexts.
         n: number of output values (public).
+        server_addend: optional int array (n,) with ``frac_bits`` fractional bits that
+            the server adds to its own share (a bias it owns): free, no round.
     """
     _check_frac_bits(frac_bits)
     mpc = _mpc()
-    p = int(party.he.plain_modulus)
+    p = int(party.he.p)
     half = p // 2
 
     if party.is_server:
@@ -116,8 +116,8 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int):
         for ct in ciphertexts:
             r = uniform_mod(p, party.he.slot_count)
             masks.append(r)
-            party.he.add_plain_inplace(ct, (r + np.uint64(half)) % np.uint64(p))
-            blobs.append(party.he.serialize_ct(party.he.prepare_for_client(ct)))
+            masked = party.he.add_plain(ct, (r + np.uint64(half)) % np.uint64(p))
+            blobs.append(party.he.serialize_ct(masked))
         party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
         r_out = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)
         local = -(r_out.astype(np.int64))
@@ -132,6 +132,10 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int):
     d = mpc.MPCTensor.from_shares(torch.from_numpy(local), precision=0)
     wrapped = d._ltz()  # shares of [a < r], one batched comparison
     y = d + wrapped * p - half  # y * 2^frac_bits, exact
+    if party.is_server and server_addend is not None:
+        # Adding a value to one's own additive share adds it to the secret.
+        addend = torch.as_tensor(np.asarray(server_addend, dtype=np.int64).reshape(-1))
+        y._tensor.share = y._tensor.share + addend
     if frac_bits > CRYPTEN_FRAC_BITS:
         y = y.div(1 << (frac_bits - CRYPTEN_FRAC_BITS))  # CrypTen's two-party local truncation
     elif frac_bits < CRYPTEN_FRAC_BITS:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..mpc.runtime import CLIENT, PARTY_ROLES, SERVER
 from .transport import Channel
 
-SERVER = "server"
-CLIENT = "client"
-ROLES = (SERVER, CLIENT)
+__all__ = ["Party", "SERVER", "CLIENT"]
 
 
 @dataclass
@@ -29,8 +28,8 @@ class Party:
     he: object
 
     def __post_init__(self):
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.role not in PARTY_ROLES:
+            raise ValueError(f"role must be one of {PARTY_ROLES}, got {self.role!r}")
 
     @property
     def is_server(self) -> bool:

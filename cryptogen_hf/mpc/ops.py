@@ -1,0 +1,350 @@
+"""Non-linear ops of a decoder block on CrypTen secret shares.
+
+Every function here is SPMD: the server and the client call it with their
+own MPCTensor (shares of the same value), in the same order, with the same
+public arguments. Public arguments (masks, scales, iteration counts) must be
+equal on both sides.
+
+Accuracy notes (measured numbers: scripts/bench_mpc_ops.py and the report):
+CrypTen works in fixed point with 16 fractional bits (resolution 1.5e-5);
+its stock exp/reciprocal/inv_sqrt initial guesses only converge on small
+ranges. The ops below avoid that with one trick, used three times:
+
+    "power-of-two bracketing": compare the secret v with K public thresholds
+    base**k in ONE batched comparison (the rounds of a single comparison).
+    The bits b_k = [v >= base**k] are monotone, so any function f(k*) of the
+    bracket k* is a PUBLIC linear combination of the bits (telescoping sum):
+    f(k*) = f(k_lo - 1) + sum_k b_k (f(k) - f(k - 1)), i.e. free. With
+    p = 2**-k* we rescale v into [1, base), where a fixed linear initial guess
+    plus 2 Newton steps reaches ~1e-5 relative error. The rescaling by p is
+    undone with the SAME shares of p, so p need not be exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from cryptogen_hf.crypten_compat import import_crypten
+
+crypten = import_crypten()
+from crypten.config import cfg  # noqa: E402  (after the shim)
+from crypten.encoder import FixedPointEncoder  # noqa: E402
+
+_PRECISION_BITS = 16  # CrypTen's default encoder precision (cfg.encoder.precision_bits)
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _bracket_scale(v, base_log2: int, k_lo: int, k_hi: int):
+    """Shares of p = 2**-k* where k* = max{k: v >= 2**(base_log2*k)},
+    clamped to [k_lo - 1, k_hi]; so v * p**base_log2 lies in
+    [1, 2**base_log2) whenever v is inside the bracketed range.
+    One batched comparison of v against the K = k_hi - k_lo + 1 public
+    thresholds; p is then a public linear combination of the bits.
+
+    v: MPCTensor (...,); returns MPCTensor p of the same shape.
+    """
+    if k_hi > _PRECISION_BITS or k_lo - 1 < -30:
+        raise ValueError("bracket range outside the exact fixed-point range")
+    ks = torch.arange(k_lo, k_hi + 1, dtype=torch.float64)
+    thresholds = torch.pow(2.0, base_log2 * ks).float()
+    bits = (v.unsqueeze(-1) - thresholds).ge(0)  # (..., K), one comparison
+    # CrypTen returns comparison bits as integers (encoder scale 1). The
+    # telescoping sum p = 2**-(k_lo-1) + sum_k b_k (2**-k - 2**-(k-1)) is
+    # formed with INTEGER weights w_k = (2**-k - 2**-(k-1)) * 2**16 (exact
+    # for k <= 16; no truncation), then the result is re-labelled as a
+    # 16-bit fixed-point number: p is exact.
+    scale = 2**_PRECISION_BITS
+    weights = torch.tensor(
+        [round((2.0 ** (-k) - 2.0 ** (-(k - 1))) * scale) for k in range(k_lo, k_hi + 1)],
+        dtype=torch.long,
+    )
+    p = (bits * weights).sum(-1) + int(round(2.0 ** (-(k_lo - 1)) * scale))
+    p.encoder = FixedPointEncoder(precision_bits=_PRECISION_BITS)
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Reciprocal of a positive value with a known range (softmax denominators)
+# ---------------------------------------------------------------------------
+# Linear initial guess for 1/x on [1, 2): 24/17 - 8/17 x, max relative error 1/17;
+# Newton y <- y (2 - x y) squares the relative error each step.
+_RECIP_A, _RECIP_B = 24.0 / 17.0, -8.0 / 17.0
+
+
+def reciprocal_bracketed(s, max_value: float, extra=None, nr_iters: int = 2):
+    """1/s for 1 <= s <= max_value (public bound), s of shape (...,).
+    If `extra` (shape (..., m)) is given, returns extra / s[..., None]
+    instead, computed as (extra * p) * r with r = 1/(s*p): this keeps full
+    precision when 1/s is small, and p cancels exactly.
+
+    Rounds: 1 comparison + 1 multiplication + 2 per Newton step (+1 for extra).
+    """
+    k_hi = max(1, math.ceil(math.log2(max(max_value, 2.0))))
+    p = _bracket_scale(s, 1, 1, k_hi)  # p = 2**-k*, s*p in [1, 2)
+    if extra is None:
+        s_hat = s * p
+        scaled = None
+    else:
+        # One multiplication round for both s*p and extra*p.
+        n_extra = extra.size(-1)
+        both = crypten.cat([s.unsqueeze(-1), extra], dim=-1) * p.unsqueeze(-1)
+        s_hat = both[..., 0]
+        scaled = both[..., 1 : 1 + n_extra]
+    y = s_hat * _RECIP_B + _RECIP_A
+    for _ in range(nr_iters):
+        y = y * (2 - s_hat * y)
+    if extra is None:
+        return y * p
+    return scaled * y.unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------
+# Softmax
+# ---------------------------------------------------------------------------
+
+
+def _max_last_dim(x):
+    """Row max along the last dim by a binary tournament: ceil(log2 n) levels,
+    each one batched comparison + one multiplication. Returns (..., 1)."""
+    while x.size(-1) > 1:
+        n = x.size(-1)
+        half = n // 2
+        a = x[..., :half]
+        b = x[..., half : 2 * half]
+        c = a.ge(b)
+        m = b + c * (a - b)
+        if n % 2:
+            m = crypten.cat([m, x[..., 2 * half :]], dim=-1)
+        x = m
+    return x
+
+
+def causal_mask(t_query: int, t_key: int) -> torch.Tensor:
+    """Public 0/1 mask: query i (the i-th of the last t_query positions)
+    sees keys j <= i + (t_key - t_query)."""
+    q = torch.arange(t_query).unsqueeze(-1) + (t_key - t_query)
+    k = torch.arange(t_key).unsqueeze(0)
+    return (k <= q).float()
+
+
+def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_iters: int = 2):
+    """softmax over `dim` of shares x.
+
+    causal=True applies a public causal mask to the last two dims
+    (..., T_query, T_key) (prefill). Decode shape (heads, 1, context) needs no
+    mask. Masked scores are replaced by the row's first score (always
+    visible) before the max, so the max is over visible entries only, and
+    their exp is zeroed by the public mask.
+
+    Steps: row max (tournament) -> exp(x - max) by CrypTen's limit method
+    (domain x - max in [-2**exp_iterations, 0]) -> sum in [1, n] ->
+    bracketed reciprocal -> e * (1/sum) with the p-rescaling.
+    """
+    if dim not in (-1, x.dim() - 1):
+        x = x.transpose(dim, -1)
+        out = softmax(x, -1, causal, exp_iterations, nr_iters)
+        return out.transpose(dim, -1)
+    n = x.size(-1)
+    mask = None
+    if causal:
+        if x.dim() < 2:
+            raise ValueError("causal softmax needs (..., T_query, T_key) scores")
+        mask = causal_mask(x.size(-2), n)
+        x = x * mask + x[..., :1] * (1 - mask)  # public 0/1 multiplications
+
+    m = _max_last_dim(x)
+    t = x - m  # <= 0
+    with cfg.temp_override({"functions.exp_iterations": exp_iterations}):
+        e = t.exp()
+    if mask is not None:
+        e = e * mask
+    s = e.sum(-1)  # in [1, n]: the max element contributes exp(0) = 1
+    return reciprocal_bracketed(s, float(n), extra=e, nr_iters=nr_iters)
+
+
+# ---------------------------------------------------------------------------
+# GELU (GPT-2's gelu_new, the tanh form)
+# ---------------------------------------------------------------------------
+GELU_CUT = 3.5  # outside [-a, a]: gelu(x) = x (x > a) or 0 (x < -a)
+GELU_DEGREE = 6  # Chebyshev degree in u = 2 x^2 / a^2 - 1 (i.e. degree 12 in x)
+
+
+def gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's gelu_new in plaintext (== transformers' NewGELUActivation)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+@functools.lru_cache(maxsize=None)
+def _gelu_coefficients(cut: float = GELU_CUT, degree: int = GELU_DEGREE) -> tuple:
+    """Chebyshev coefficients of E(x) = gelu(x) - x/2 (an even function) in
+    u = 2 x^2 / cut^2 - 1 on [-cut, cut]. Near-minimax fit by iteratively
+    reweighted least squares; deterministic, so both parties get the same
+    numbers. The Chebyshev basis keeps coefficients small (fixed-point error
+    is not amplified as with monomials)."""
+    xs = np.linspace(0.0, cut, 4001)
+    target = gelu_reference(torch.from_numpy(xs)).numpy() - 0.5 * xs
+    u = 2.0 * (xs / cut) ** 2 - 1.0
+    basis = np.polynomial.chebyshev.chebvander(u, degree)
+    w = np.ones_like(xs)
+    for _ in range(30):
+        coef = np.linalg.lstsq(basis * w[:, None], target * w, rcond=None)[0]
+        r = np.abs(basis @ coef - target)
+        w = w * np.sqrt(r / r.max() + 1e-3)
+        w /= w.max()
+    return tuple(float(c) for c in coef)
+
+
+def _chebyshev_values(u, degree: int):
+    """[T_0(u) .. T_degree(u)] with few rounds: T_2k = 2 T_k^2 - 1 and
+    T_{j+k} = 2 T_j T_k - T_{|j-k|}, each level batched in one multiplication."""
+    T = {1: u}
+    have = 1
+    while have < degree:
+        # Next level: every index in (have, min(2*have, degree)] from T_j * T_k, j, k <= have.
+        targets = list(range(have + 1, min(2 * have, degree) + 1))
+        lefts, rights, subs = [], [], []
+        for n in targets:
+            j = have
+            k = n - have
+            lefts.append(T[j])
+            rights.append(T[k])
+            subs.append(abs(j - k))
+        prod = crypten.stack(lefts) * crypten.stack(rights)
+        for i, n in enumerate(targets):
+            sub = subs[i]
+            T[n] = 2 * prod[i] - (1.0 if sub == 0 else T[sub])
+        have = targets[-1]
+    return T
+
+
+def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
+    """gelu_new(x) = x/2 + E(x): E by an even Chebyshev polynomial on
+    [-cut, cut]; outside, x (x > cut) or 0 (x < -cut). The two comparisons
+    [x > cut] and [x < -cut] are one batched comparison; the polynomial needs
+    1 + ceil(log2 degree) multiplication rounds; the selection one more.
+    Max abs error on [-8, 8] ~1e-3 (see tests)."""
+    coef = _gelu_coefficients(cut, degree)
+    # Both comparisons in one call: stack [x - cut, -x - cut] and test >= 0.
+    c = crypten.stack([x - cut, -x - cut]).ge(0)
+    above, below = c[0], c[1]
+
+    u = x.square() * (2.0 / (cut * cut)) - 1.0
+    T = _chebyshev_values(u, degree)
+    poly = T[1] * coef[1] + coef[0]
+    for n in range(2, degree + 1):
+        poly = poly + T[n] * coef[n]
+
+    half_x = x * 0.5
+    inside = half_x + poly
+    # out = inside + above*(x - inside) + below*(0 - inside), one mult round.
+    sel = crypten.stack([above, below]) * crypten.stack([x - inside, -inside])
+    return inside + sel[0] + sel[1]
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------
+_ISQRT_A, _ISQRT_B = 1.06, -0.15  # 1/sqrt(x) ~ a + b x on [1, 4), rel. error 0.09
+
+
+def calibrate_pre_scale(activations_sample, eps: float = 1e-5) -> float:
+    """Public per-layer scale for :func:`layer_norm`, from plaintext
+    activations the server collects (e.g. on a calibration text).
+
+    Rows (last dim) have standard deviations in [sd_lo, sd_hi]; the scale
+    centres them geometrically around 1 (s = 1 / sqrt(sd_lo * sd_hi)), which
+    keeps small rows above the fixed-point resolution and large rows far
+    from overflow. LayerNorm is scale-invariant except for eps, which
+    layer_norm rescales by s**2.
+    """
+    a = torch.as_tensor(activations_sample, dtype=torch.float64)
+    a = a.reshape(-1, a.shape[-1])
+    sd = torch.sqrt(a.var(dim=-1, unbiased=False) + eps)
+    sd_lo, sd_hi = float(sd.min()), float(sd.max())
+    return float(1.0 / math.sqrt(sd_lo * sd_hi))
+
+
+def layer_norm(
+    x,
+    eps: float = 1e-5,
+    pre_scale: float = 1.0,
+    weight=None,
+    bias=None,
+    nr_iters: int = 2,
+    k_range: tuple = (-2, 10),
+):
+    """Normalized LayerNorm (x - mean) / sqrt(var + eps) over the last dim.
+
+    The affine gamma/beta are NOT applied by default: they are server weights
+    that the server folds into the next HE linear layer in plaintext
+    (W' = diag(gamma) W, b' = beta W + b), which costs nothing. `weight` /
+    `bias` (plaintext torch tensors or MPCTensors, e.g. server-shared) are
+    applied if given, for completeness (one more multiplication round if
+    weight is an MPCTensor, none if it is public).
+
+    pre_scale: public, from calibrate_pre_scale; x is multiplied by it first
+    and eps by its square, which leaves the result unchanged in exact
+    arithmetic but brings the variance into the fixed-point sweet spot.
+
+    Method: S = sum (x - mean)^2 (not the mean: d times more fixed-point
+    precision); p = 2**-k* from one batched comparison of S with 4**k,
+    k in k_range; S_hat = S p^2 in [1, 4); r = 1/sqrt(S_hat) by a linear
+    guess + Newton; out = (xc * p) * r * sqrt(d). Valid for
+    S + d eps' in [4**(k_lo-1), 4**(k_hi+1)), i.e. for d = 768 and the
+    default k_range, scaled row sd from ~0.002 to ~70.
+    """
+    d = x.size(-1)
+    if pre_scale != 1.0:
+        x = x * float(pre_scale)
+    eps_scaled = float(eps) * float(pre_scale) ** 2
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    S = xc.square().sum(-1) + d * eps_scaled  # (...,)
+
+    k_lo, k_hi = k_range
+    p = _bracket_scale(S, 2, k_lo, k_hi)  # 2**-k*, S * p^2 in [1, 4)
+    # Round 1: S*p together with xc*p (one multiplication).
+    both = crypten.cat([S.unsqueeze(-1), xc], dim=-1) * p.unsqueeze(-1)
+    Sp = both[..., 0]
+    xcp = both[..., 1:]
+    S_hat = Sp * p  # round 2
+    y = S_hat * _ISQRT_B + _ISQRT_A
+    for _ in range(nr_iters):
+        # y <- y (3 - S_hat y^2) / 2, as 2 rounds: [y*y, S_hat*y] then product.
+        pair = crypten.stack([y, S_hat]) * crypten.stack([y, y])
+        y = y * 1.5 - (pair[0] * pair[1]) * 0.5
+    out = xcp * (y * math.sqrt(d)).unsqueeze(-1)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def layer_norm_reference(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+# ---------------------------------------------------------------------------
+# Argmax revealing only the index to one party
+# ---------------------------------------------------------------------------
+
+
+def argmax_reveal(x, dst: int):
+    """Index of the max of the 1-D shared vector x, revealed to rank `dst`
+    only (returns the int there, None at the other party). The one-hot
+    vector is computed in MPC (CrypTen's log-reduction argmax, ties broken
+    at random) and only its index is opened, to dst."""
+    one_hot = x.argmax(dim=0, one_hot=True)
+    idx = (one_hot * torch.arange(x.size(0), dtype=torch.float32)).sum()
+    value = idx.get_plain_text(dst=dst)
+    if value is None:
+        return None
+    return int(round(float(value)))

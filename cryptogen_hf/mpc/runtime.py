@@ -1,0 +1,619 @@
+"""Process runtime for the MPC half of CryptoGen: who is which CrypTen rank,
+how the parties meet, which dealer makes the correlated randomness, and how a
+dead or silent peer turns into an exception instead of a hang.
+
+Parties and ranks (the ONLY place this mapping lives)
+-----------------------------------------------------
+- ``"server"`` (model owner)  -> CrypTen rank 0, always.
+- ``"client"`` (prompt owner) -> CrypTen rank 1, always.
+- ``"dealer"``                -> rank 2, only in ``dealer="ttp"`` mode.
+
+Code elsewhere must use :func:`rank_of` (e.g. ``crypten.cryptensor(x,
+src=rank_of("client"))``) and never hard-code ranks.
+
+Dealer modes
+------------
+``dealer="ttp"`` (default): CrypTen's ``TrustedThirdParty`` provider. A third
+OS process (:func:`run_dealer`) runs CrypTen's ``TTPServer`` at rank
+``world_size`` = 2, which is where CrypTen's communicator puts the TTP
+(``get_ttp_rank() == world_size``). It shares a PRG seed with each party and
+sends party 0 (the server) the correction share of every triple. Neither party
+sees a whole triple; the dealer must not collude with either party.
+
+``dealer="client"``: the client makes all triples. CrypTen's own
+``TrustedFirstParty`` hard-codes party 0 as the dealer; instead of remapping
+the client to rank 0 in this mode (which would make every ``src=`` in the rest
+of the code base depend on the dealer setting), we register a small provider,
+:class:`ClientDealerProvider`, that is CrypTen's TFP logic with the dealer
+rank as a parameter (= ``rank_of("client")``). Ranks stay server=0, client=1
+in every mode. Consequence (see docs/THREAT_MODEL.md): the client knows every
+triple, so it could unmask values the server opens in multiplications; the
+client's own input privacy is unaffected.
+
+Timeouts
+--------
+CrypTen's ``DistributedCommunicator.__init__`` calls
+``torch.distributed.init_process_group`` and ``new_group`` WITHOUT a timeout
+(torch's default is 30 minutes). We therefore construct the communicator
+ourselves (:class:`_TimedCommunicator`, same fields as CrypTen's, plus
+``timeout=``) for the default group and every subgroup, install it as
+CrypTen's singleton, then run the rest of ``crypten.init`` (PRG seeds, TTP
+client). Every gloo send/recv/collective then fails after
+``MPCConfig.timeout_s`` instead of blocking. A peer that *dies* closes its
+sockets, which gloo reports at once; a peer that hangs is caught by the
+timeout. Either way :func:`translate_peer_error` turns the gloo error into a
+:class:`PeerError` naming the role(s) that went away (on one host it checks
+which peer pids are still alive).
+
+The dealer uses ``MPCConfig.dealer_idle_timeout_s`` (default 1 hour) because
+it legitimately waits while the parties do long HE work between triple
+requests; it still exits at once when a party's socket closes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import queue as queue_module
+import socket
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from cryptogen_hf.crypten_compat import import_crypten
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------
+# Roles and ranks: the one place where this mapping is defined.
+# --------------------------------------------------------------------------
+SERVER = "server"
+CLIENT = "client"
+DEALER = "dealer"
+PARTY_ROLES = (SERVER, CLIENT)
+_PARTY_RANKS = {SERVER: 0, CLIENT: 1}
+WORLD_SIZE = 2  # the number of computing parties; the TTP dealer is extra
+DEALER_MODES = ("ttp", "client")
+
+# Name under which ClientDealerProvider is registered in CrypTen's config.
+_CLIENT_DEALER_PROVIDER = "CRYPTOGEN_CLIENT_DEALER"
+
+
+def rank_of(role: str) -> int:
+    """CrypTen rank of a role ("server" -> 0, "client" -> 1, "dealer" -> 2)."""
+    if role == DEALER:
+        return WORLD_SIZE  # CrypTen puts the TTP at rank == world_size
+    try:
+        return _PARTY_RANKS[role]
+    except KeyError:
+        raise ValueError(f"unknown role {role!r}; expected one of {PARTY_ROLES + (DEALER,)}")
+
+
+def role_of(rank: int) -> str:
+    """Inverse of :func:`rank_of`."""
+    for role in PARTY_ROLES + (DEALER,):
+        if rank_of(role) == rank:
+            return role
+    raise ValueError(f"no role has rank {rank}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MPCConfig:
+    """How the parties meet. Must be identical in every process of a session.
+
+    dealer: "ttp" (third process deals the triples, default) or "client".
+    host, port: TCP rendezvous (torch.distributed's store is hosted by rank 0,
+        the server). port=0 is allowed only with :func:`launch_local`, which
+        picks a free port.
+    timeout_s: limit on every blocking send/recv/collective between parties.
+    dealer_idle_timeout_s: the dealer's limit while waiting for the next
+        request (the parties may do long HE work between requests).
+    torch_threads: intra-op threads per process (None: leave torch's default).
+    """
+
+    dealer: str = "ttp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    timeout_s: float = 60.0
+    dealer_idle_timeout_s: float = 3600.0
+    torch_threads: int | None = 1
+
+    def __post_init__(self):
+        if self.dealer not in DEALER_MODES:
+            raise ValueError(f"dealer must be one of {DEALER_MODES}, got {self.dealer!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+
+    @property
+    def uses_ttp(self) -> bool:
+        return self.dealer == "ttp"
+
+    @property
+    def total_processes(self) -> int:
+        return WORLD_SIZE + (1 if self.uses_ttp else 0)
+
+
+class PeerError(RuntimeError):
+    """A peer process died, closed its connection or did not answer in time."""
+
+
+class MPCLaunchError(RuntimeError):
+    """launch_local: a party failed; the message holds each child's traceback.
+
+    ``results``: return values of the roles that finished;
+    ``failures``: role -> failure text (with traceback where there is one).
+    """
+
+    def __init__(self, message, results=None, failures=None):
+        super().__init__(message)
+        self.results = dict(results or {})
+        self.failures = dict(failures or {})
+
+
+# --------------------------------------------------------------------------
+# The client-as-dealer provider.
+# --------------------------------------------------------------------------
+def _make_client_dealer_provider(dealer_rank: int):
+    """Build a TupleProvider in which `dealer_rank` makes every tuple.
+
+    Same construction as CrypTen's TrustedFirstParty (which fixes the dealer
+    at rank 0), written with the dealer as a parameter. The dealer draws from
+    CrypTen's "local" generator (seeded from os.urandom in crypten's PRG
+    setup), so the other party cannot predict the tuples. Sharing a value from
+    `src` is free in CrypTen (pseudo-random zero shares), so a tuple costs no
+    communication except the scatter in wrap_rng.
+    """
+    crypten = import_crypten()
+    import crypten.communicator as comm
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.common.util import count_wraps
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    from crypten.mpc.provider.provider import TupleProvider
+
+    def is_dealer():
+        return comm.get().get_rank() == dealer_rank
+
+    def dealer_value(make, size, device):
+        # Non-dealers only need a correctly-shaped placeholder: their share
+        # is produced by the zero-sharing inside ArithmeticSharedTensor.
+        if is_dealer():
+            return make()
+        return torch.zeros(size, dtype=torch.long, device=device)
+
+    class ClientDealerProvider(TupleProvider):
+        NAME = "CLIENT_DEALER"
+
+        def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+            if is_dealer():
+                a = generate_random_ring_element(size0, device=device)
+                b = generate_random_ring_element(size1, device=device)
+                c = getattr(torch, op)(a, b, *args, **kwargs)
+            else:
+                a = torch.zeros(size0, dtype=torch.long, device=device)
+                b = torch.zeros(size1, dtype=torch.long, device=device)
+                c = getattr(torch, op)(a, b, *args, **kwargs)  # shape only
+            return (
+                ArithmeticSharedTensor(a, precision=0, src=dealer_rank),
+                ArithmeticSharedTensor(b, precision=0, src=dealer_rank),
+                ArithmeticSharedTensor(c, precision=0, src=dealer_rank),
+            )
+
+        def square(self, size, device=None):
+            r = dealer_value(lambda: generate_random_ring_element(size, device=device), size, device)
+            r2 = r.mul(r)
+            return (
+                ArithmeticSharedTensor(r, precision=0, src=dealer_rank),
+                ArithmeticSharedTensor(r2, precision=0, src=dealer_rank),
+            )
+
+        def generate_binary_triple(self, size0, size1, device=None):
+            if is_dealer():
+                a = generate_kbit_random_tensor(size0, device=device)
+                b = generate_kbit_random_tensor(size1, device=device)
+            else:
+                a = torch.zeros(size0, dtype=torch.long, device=device)
+                b = torch.zeros(size1, dtype=torch.long, device=device)
+            c = a & b
+            return (
+                BinarySharedTensor(a, src=dealer_rank),
+                BinarySharedTensor(b, src=dealer_rank),
+                BinarySharedTensor(c, src=dealer_rank),
+            )
+
+        def wrap_rng(self, size, device=None):
+            # The dealer picks every party's share of r, counts the wraps of
+            # their sum and scatters the shares (one message).
+            n = comm.get().get_world_size()
+            if is_dealer():
+                r = [generate_random_ring_element(size, device=device) for _ in range(n)]
+                theta_r = count_wraps(r)
+            else:
+                r = [torch.zeros(size, dtype=torch.long, device=device) for _ in range(n)]
+                theta_r = torch.zeros(size, dtype=torch.long, device=device)
+            share = comm.get().scatter(r, dealer_rank, size=torch.Size(size), device=device)
+            return (
+                ArithmeticSharedTensor.from_shares(share, precision=0),
+                ArithmeticSharedTensor(theta_r, precision=0, src=dealer_rank),
+            )
+
+        def B2A_rng(self, size, device=None):
+            r = dealer_value(
+                lambda: generate_kbit_random_tensor(size, bitlength=1, device=device), size, device
+            )
+            return (
+                ArithmeticSharedTensor(r, precision=0, src=dealer_rank),
+                BinarySharedTensor(r, src=dealer_rank),
+            )
+
+    del crypten  # only imported to apply the torch shim first
+    return ClientDealerProvider()
+
+
+def _select_provider(config: MPCConfig) -> None:
+    """Point CrypTen's (process-global) config at the dealer's provider."""
+    crypten = import_crypten()
+    from crypten.config import cfg
+
+    if config.uses_ttp:
+        cfg.mpc.provider = "TTP"
+    else:
+        # crypten.mpc keeps its providers in a module-level dict that
+        # get_default_provider() indexes with cfg.mpc.provider.
+        providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+        if _CLIENT_DEALER_PROVIDER not in providers:
+            providers[_CLIENT_DEALER_PROVIDER] = _make_client_dealer_provider(rank_of(CLIENT))
+        cfg.mpc.provider = _CLIENT_DEALER_PROVIDER
+
+
+# --------------------------------------------------------------------------
+# A CrypTen communicator whose process groups honour a timeout.
+# --------------------------------------------------------------------------
+def _timed_communicator_class():
+    import_crypten()
+    from crypten.communicator import DistributedCommunicator
+
+    class _TimedCommunicator(DistributedCommunicator):
+        """CrypTen's DistributedCommunicator, built with explicit arguments and
+        with `timeout` on init_process_group and on every subgroup (CrypTen
+        passes none, so torch would wait 30 minutes)."""
+
+        def __init__(self, *, rank, world_size, init_ttp, rendezvous, timeout):
+            # Same attributes that CrypTen's constructor sets.
+            self.distributed_backend = "gloo"
+            self.rendezvous = rendezvous
+            self.world_size = world_size
+            self.rank = rank
+            self.reset_communication_stats()
+            self._name = f"rank{rank}"
+            total = world_size + 1 if init_ttp else world_size
+            dist.init_process_group(
+                backend="gloo",
+                init_method=rendezvous,
+                world_size=total,
+                rank=rank,
+                timeout=timeout,
+            )
+            # Subgroups get their own timeout in torch (not the default
+            # group's), so pass it every time. Every rank must create every
+            # group, members or not, in the same order.
+            self.ttp_group = dist.new_group(list(range(total)), timeout=timeout)
+            if total > 1:
+                self.ttp_comm_group = dist.new_group([0, total - 1], timeout=timeout)
+            self.main_group = dist.new_group(list(range(world_size)), timeout=timeout)
+            self.ttp_initialized = init_ttp
+
+    return _TimedCommunicator
+
+
+# Per-process state of this module (each party is its own process).
+_state: dict[str, Any] = {}
+
+
+def _exchange_identities(role: str) -> dict[str, tuple[str, int]]:
+    """Publish (hostname, pid) of this process in the rendezvous store and
+    read the others', so that a later peer failure can name the dead peer."""
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"cryptogen/id/{role}", f"{socket.gethostname()}|{os.getpid()}")
+    roles = list(PARTY_ROLES) + ([DEALER] if _state["config"].uses_ttp else [])
+    ids = {}
+    for other in roles:
+        host, pid = store.get(f"cryptogen/id/{other}").decode().split("|")
+        ids[other] = (host, int(pid))
+    return ids
+
+
+def _connect(role: str, config: MPCConfig, timeout_s: float):
+    if config.port == 0:
+        raise ValueError("MPCConfig.port must be set (port=0 is only for launch_local)")
+    crypten = import_crypten()
+    from crypten.communicator import DistributedCommunicator
+
+    if DistributedCommunicator.is_initialized():
+        raise RuntimeError("this process already joined an MPC session; call shutdown() first")
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    _select_provider(config)
+    _state.clear()
+    _state.update(role=role, config=config)
+
+    cls = _timed_communicator_class()
+    DistributedCommunicator.instance = cls(
+        rank=rank_of(role),
+        world_size=WORLD_SIZE,
+        init_ttp=config.uses_ttp,
+        rendezvous=f"tcp://{config.host}:{config.port}",
+        timeout=timedelta(seconds=timeout_s),
+    )
+    _state["peers"] = _exchange_identities(role)
+    return crypten
+
+
+def init_party(role: str, config: MPCConfig) -> None:
+    """Join the session as "server" or "client": rendezvous on TCP, choose the
+    dealer's provider, set up CrypTen (what crypten.init does, but with our
+    timed communicator)."""
+    if role not in PARTY_ROLES:
+        raise ValueError(f"init_party: role must be one of {PARTY_ROLES}, got {role!r}")
+    crypten = _connect(role, config, config.timeout_s)
+    try:
+        # The rest of crypten.init(): pairwise/global PRG seeds, TTP client.
+        crypten._setup_prng()
+        if config.uses_ttp:
+            crypten.mpc.provider.ttp_provider.TTPClient._init()
+    except RuntimeError as exc:
+        raise translate_peer_error(exc) from exc
+
+
+def run_dealer(config: MPCConfig) -> None:
+    """Body of the TTP dealer process (dealer="ttp" only). Returns when the
+    server sends CrypTen's "terminate" message or a party disconnects."""
+    if not config.uses_ttp:
+        raise ValueError("run_dealer is only for dealer='ttp'")
+    # CrypTen's TTPServer seeds the per-party PRGs with torch's global RNG;
+    # seed that from the OS so the seeds are not predictable by the parties.
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    crypten = _connect(DEALER, config, config.dealer_idle_timeout_s)
+    from crypten.mpc.provider.ttp_provider import TTPServer
+
+    with warnings.catch_warnings():
+        # TTPServer calls crypten.init(), which only warns "already
+        # initialized" because our communicator is installed.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        TTPServer()  # serves requests until "terminate" or a RuntimeError
+    del crypten
+    shutdown()
+
+
+def shutdown() -> None:
+    """Leave the session (the server also tells the TTP dealer to stop)."""
+    crypten = import_crypten()
+    from crypten.communicator import DistributedCommunicator
+
+    if not DistributedCommunicator.is_initialized():
+        return
+    try:
+        if _state.get("config") is not None and _state["config"].uses_ttp and _state.get("role") != DEALER:
+            crypten.mpc.provider.ttp_provider.TTPClient.uninit()
+        crypten.uninit()  # server sends "terminate" to the TTP, destroys groups
+    except RuntimeError as exc:
+        # The peer may already be gone; tear down locally regardless.
+        log.info("shutdown: %s", exc)
+        DistributedCommunicator.instance = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _state.clear()
+
+
+def current_role() -> str | None:
+    return _state.get("role")
+
+
+# --------------------------------------------------------------------------
+# Peer failures -> PeerError naming the peer.
+# --------------------------------------------------------------------------
+_COMM_ERROR_MARKERS = (
+    "gloo",
+    "Connection closed",
+    "Connection reset",
+    "Timed out",
+    "timed out",
+    "Socket",
+    "socket",
+    "Broken pipe",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    if isinstance(exc, PeerError):
+        return True
+    dist_error = getattr(dist, "DistBackendError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COMM_ERROR_MARKERS)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A dead child not yet reaped by its parent is a zombie: treat as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def translate_peer_error(exc: BaseException) -> BaseException:
+    """Turn a gloo communication error into a PeerError naming the peer(s).
+
+    Non-communication errors are returned unchanged."""
+    if isinstance(exc, PeerError) or not is_peer_failure(exc):
+        return exc
+    role = _state.get("role", "?")
+    config = _state.get("config")
+    peers = {r: v for r, v in _state.get("peers", {}).items() if r != role}
+    if not peers:
+        candidates = [r for r in PARTY_ROLES + (DEALER,) if r != role]
+        if config is not None and not config.uses_ttp:
+            candidates = [r for r in candidates if r != DEALER]
+        named = " or ".join(f"{r!r} (rank {rank_of(r)})" for r in candidates)
+        detail = f"peer {named} unreachable"
+    else:
+        here = socket.gethostname()
+        dead = [r for r, (host, pid) in peers.items() if host == here and not _pid_alive(pid)]
+        if dead:
+            detail = "peer " + ", ".join(
+                f"{r!r} (rank {rank_of(r)}, pid {peers[r][1]}) has exited" for r in dead
+            )
+        else:
+            named = " or ".join(f"{r!r} (rank {rank_of(r)})" for r in peers)
+            detail = f"peer {named} closed the connection or did not answer"
+    timeout = f" (timeout {config.timeout_s:g} s)" if config is not None else ""
+    return PeerError(f"MPC {role!r}: {detail}{timeout}: {type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------
+# launch_local: server + client (+ dealer) as spawned OS processes.
+# --------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on host (small race: it is released here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _report(result_queue, message) -> None:
+    # Pickle here with plain pickle: multiprocessing's pickler would send
+    # torch tensors as shared-memory handles, which die with this process.
+    result_queue.put(pickle.dumps(message))
+    # Make sure the message is flushed before the process exits.
+    result_queue.close()
+    result_queue.join_thread()
+
+
+def _party_main(role, fn, config, args, result_queue):
+    try:
+        init_party(role, config)
+        try:
+            value = fn(role, *args)
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent)
+            raise translate_peer_error(exc) from exc
+        shutdown()
+        _report(result_queue, ("ok", role, value))
+    except BaseException as exc:  # noqa: BLE001
+        _report(
+            result_queue,
+            ("error", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
+        )
+        os._exit(1)  # do not wait in torch.distributed teardown with a dead peer
+
+
+def _dealer_main(config, result_queue):
+    try:
+        run_dealer(config)
+        _report(result_queue, ("ok", DEALER, None))
+    except BaseException as exc:  # noqa: BLE001
+        _report(
+            result_queue,
+            ("error", DEALER, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
+        )
+        os._exit(1)
+
+
+def launch_local(
+    fn: Callable[..., Any],
+    config: MPCConfig,
+    args: tuple = (),
+    *,
+    wall_timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Run ``fn(role, *args)`` as "server" and "client" in two spawned
+    processes (plus the TTP dealer process in ttp mode) on loopback.
+
+    ``fn`` must be importable (module level). Returns
+    ``{"server": value, "client": value}``. If a child raises or dies, raises
+    :class:`MPCLaunchError` with every failed child's traceback text; after
+    ``wall_timeout_s`` (or ``config.timeout_s + 10`` s after the first
+    failure) every remaining child is killed.
+    """
+    if config.port == 0:
+        config = dataclasses.replace(config, port=free_port(config.host))
+    ctx = multiprocessing.get_context("spawn")
+    result_queue = ctx.Queue()
+    procs: dict[str, multiprocessing.process.BaseProcess] = {}
+    for role in PARTY_ROLES:
+        procs[role] = ctx.Process(
+            target=_party_main, args=(role, fn, config, args, result_queue), name=f"mpc-{role}"
+        )
+    if config.uses_ttp:
+        procs[DEALER] = ctx.Process(target=_dealer_main, args=(config, result_queue), name="mpc-dealer")
+    for p in procs.values():
+        p.daemon = True
+        p.start()
+
+    results: dict[str, Any] = {}
+    failures: dict[str, str] = {}  # role -> description, in order of arrival
+    dead_since: dict[str, float] = {}
+    deadline = time.monotonic() + wall_timeout_s
+    try:
+        while True:
+            pending = [r for r in procs if r not in results and r not in failures]
+            parties_pending = [r for r in pending if r in PARTY_ROLES]
+            if not parties_pending:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                for r in parties_pending:
+                    failures[r] = f"{r}: killed after the launch time limit"
+                break
+            try:
+                msg = pickle.loads(result_queue.get(timeout=0.2))
+            except queue_module.Empty:
+                msg = None
+            if msg is not None:
+                if msg[0] == "ok":
+                    results[msg[1]] = msg[2]
+                else:
+                    _, role, summary, tb = msg
+                    failures[role] = f"{role}: {summary}\n--- {role} traceback ---\n{tb}"
+                    # The survivors will notice within their own timeout.
+                    deadline = min(deadline, time.monotonic() + config.timeout_s + 10)
+                continue
+            # A child that exited without reporting (killed, segfault...).
+            for r in pending:
+                if not procs[r].is_alive():
+                    first = dead_since.setdefault(r, now)
+                    if now - first > 1.0:  # grace period for a queued message
+                        failures[r] = f"{r}: process exited with code {procs[r].exitcode} without a result"
+                        deadline = min(deadline, time.monotonic() + config.timeout_s + 10)
+        # Give the dealer a moment to see "terminate" and exit cleanly.
+        if DEALER in procs and not failures:
+            procs[DEALER].join(timeout=5)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in procs.values():
+            p.join(timeout=5)
+        result_queue.close()
+
+    party_failures = {r: f for r, f in failures.items() if r in PARTY_ROLES or r == DEALER}
+    if party_failures:
+        raise MPCLaunchError(
+            "MPC launch failed:\n" + "\n".join(party_failures.values()),
+            results=results,
+            failures=party_failures,
+        )
+    return {r: results[r] for r in PARTY_ROLES}

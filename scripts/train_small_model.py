@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Train the small GPT-2 that ships with cryptogen_hf (cryptogen_hf/models/tiny-gpt2).
+
+What it does, in order:
+  1. reads the training text (WikiText-2 valid.txt + Tiny Shakespeare input.txt;
+     never a test split) and holds out the last --val-fraction of EACH file as a
+     validation split, so that validation covers both domains;
+  2. trains a byte-level BPE tokenizer (GPT-2 style, one special token
+     <|endoftext|> used as bos/eos/unk) on the training part only;
+  3. trains a GPT2LMHeadModel (4 layers, width 192, 4 heads, context 512) with
+     AdamW, linear warmup + cosine decay, on random contiguous chunks of the
+     token stream, under a budget of --steps or --max-minutes, whichever runs
+     out first (the cosine follows whichever budget is further along, so a
+     time-limited run still ends at the low learning rate);
+  4. writes an ordinary HF checkpoint (save_pretrained) plus the tokenizer as a
+     PreTrainedTokenizerFast, and a README.md model card, into --out.
+
+Everything is local: no downloads. Example (the command that made the shipped
+checkpoint is recorded in its README.md):
+
+    python scripts/train_small_model.py
+    python scripts/train_small_model.py --steps 50 --out /tmp/tiny   # smoke test
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+DEFAULT_TRAIN_FILES = [
+    DATA / "wikitext-2" / "valid.txt",
+    DATA / "tinyshakespeare" / "input.txt",
+]
+DEFAULT_OUT = REPO / "cryptogen_hf" / "models" / "tiny-gpt2"
+EOT = "<|endoftext|>"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_TRAIN_FILES,
+                   help="training text files (default: WikiText-2 valid.txt and Tiny Shakespeare input.txt)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory for the HF checkpoint")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="fraction held out from the END of each file for validation")
+    # tokenizer
+    p.add_argument("--vocab-size", type=int, default=4096)
+    # model (GPT-2 architecture, scaled down)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-positions", type=int, default=512)
+    # GPT-2 uses 0.1; the default budget sees only ~5 epochs, a compute-limited
+    # regime where dropout costs more loss than it saves.
+    p.add_argument("--dropout", type=float, default=0.0, help="resid/embd/attn dropout")
+    # optimisation
+    p.add_argument("--block-size", type=int, default=256, help="tokens per training chunk")
+    p.add_argument("--batch-size", type=int, default=16, help="chunks per step")
+    # Measured 0.8-1.15 s/step (16x256 tokens, 3.5-5k tokens/s) on 2 idle CPU
+    # cores, so 1000 steps is ~14-19 minutes; --max-minutes caps it when busy.
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (sets the cosine schedule length)")
+    # The CPUs here are shared with other jobs, so step time varies 0.8-4 s;
+    # the time budget keeps the default run near 17 minutes of training.
+    p.add_argument("--max-minutes", type=float, default=17.0,
+                   help="wall-clock budget for the training loop (0 = none, a pure step budget, "
+                        "which makes a seeded run exactly reproducible)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation passes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_and_split(files, val_fraction):
+    """Return (train_texts, val_texts): the last val_fraction of each file is validation.
+
+    The cut is moved forward to the next newline so no line is split in two.
+    """
+    train_texts, val_texts = [], []
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8")
+        cut = int(len(text) * (1.0 - val_fraction))
+        nl = text.find("\n", cut)
+        cut = nl + 1 if nl != -1 else cut
+        train_texts.append(text[:cut])
+        val_texts.append(text[cut:])
+    return train_texts, val_texts
+
+
+def train_tokenizer(train_texts, vocab_size):
+    # add_prefix_space=False as GPT-2: the byte-level decode is then an exact
+    # inverse of encode, which the secure backend relies on when it streams text.
+    tok = ByteLevelBPETokenizer(add_prefix_space=False)
+    tok.train_from_iterator(train_texts, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOT], show_progress=False)
+    return tok
+
+
+def wrap_tokenizer(tok, model_max_length):
+    """Wrap the tokenizers object as a transformers PreTrainedTokenizerFast (GPT-2 style)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok._tokenizer,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        model_max_length=model_max_length,
+        # GPT-2's clean-up would rewrite " n't" -> "n't" etc. and break exact round trips.
+        clean_up_tokenization_spaces=False,
+        add_prefix_space=False,
+    )
+
+
+def fix_tokenizer_files(out):
+    """Make the saved tokenizer files loadable by older transformers too.
+
+    transformers 5 writes tokenizer_class "TokenizersBackend" and no
+    special_tokens_map.json; 4.x needs "PreTrainedTokenizerFast" and reads the
+    map. Both versions load the files written here (5.x aliases the class name).
+    """
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token") if k in cfg}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def encode_texts(hf_tok, texts):
+    """Tokenize each text and join them with <|endoftext|>, as GPT-2 joins documents."""
+    eot_id = hf_tok.convert_tokens_to_ids(EOT)
+    ids = []
+    for t in texts:
+        # verbose=False: whole files are longer than model_max_length, as intended.
+        ids.extend(hf_tok(t, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.append(eot_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def budget_fraction(step, elapsed_s, args):
+    """How much of the budget is used: the larger of the step and time fractions."""
+    frac = step / args.steps
+    if args.max_minutes > 0:
+        frac = max(frac, elapsed_s / (args.max_minutes * 60))
+    return frac
+
+
+def lr_at(step, frac, args):
+    """Linear warmup (in steps) to args.lr, then cosine decay to args.lr * min_lr_ratio.
+
+    The cosine runs over the budget fraction `frac` (see budget_fraction) from
+    where warmup ended, so it reaches its floor when either budget runs out.
+    """
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    warm_frac = args.warmup_steps / args.steps
+    progress = min(1.0, max(0.0, (frac - warm_frac) / max(1e-9, 1.0 - warm_frac)))
+    cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cos)
+
+
+def random_batch(data, block_size, batch_size, gen):
+    """batch_size contiguous chunks of block_size tokens at random offsets."""
+    starts = torch.randint(0, len(data) - block_size, (batch_size,), generator=gen)
+    return torch.stack([data[s:s + block_size] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def evaluate(model, data, block_size, batch_size):
+    """Mean token NLL over non-overlapping chunks of data (the whole split, deterministic)."""
+    model.eval()
+    n_chunks = (len(data) - 1) // block_size
+    chunks = data[: n_chunks * block_size].view(n_chunks, block_size)
+    total, count = 0.0, 0
+    for i in range(0, n_chunks, batch_size):
+        x = chunks[i:i + batch_size]
+        loss = model(input_ids=x, labels=x).loss  # HF shifts labels internally
+        n = x.shape[0] * (block_size - 1)
+        total += loss.item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+def param_count(model):
+    # Tied lm_head shares the embedding matrix; count unique tensors only.
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def write_model_card(out, args, info):
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    data_lines = "\n".join(f"- `{d}`" for d in info["data_files"])
+    card = f"""# tiny-gpt2 (cryptogen_hf shipped model)
+
+A small GPT-2 (`GPT2LMHeadModel`) with its own byte-level BPE tokenizer, trained
+from scratch on CPU by `scripts/train_small_model.py`. It exists so the secure
+text-generation backend has a real, self-contained HuggingFace model to run
+on; it is not a good language model.
+
+## Data
+
+Training text (the last {args.val_fraction:.0%} of each file held out for validation):
+
+{data_lines}
+
+WikiText-2 is the PyTorch word-language-model version (`<unk>` for rare words,
+` @-@ ` for hyphens). No test split was used for training or tokenizer fitting.
+Train tokens: {info['n_train_tokens']:,}; validation tokens: {info['n_val_tokens']:,}
+(documents joined with `<|endoftext|>`).
+
+## Tokenizer
+
+Byte-level BPE (`tokenizers`), vocab {info['vocab_size']}, GPT-2 style: no prefix
+space, one special token `<|endoftext|>` (id {info['eot_id']}) used as bos/eos/unk,
+no pad token. Saved as a `PreTrainedTokenizerFast`; `decode(encode(s)) == s`.
+
+## Model
+
+| hyper-parameter | value |
+|---|---|
+| n_layer | {args.n_layer} |
+| n_embd | {args.n_embd} |
+| n_head | {args.n_head} |
+| n_positions | {args.n_positions} |
+| vocab_size | {info['vocab_size']} |
+| activation | gelu_new |
+| tied input/output embeddings | yes |
+| dropout (resid/embd/attn) | {args.dropout} |
+| parameters (unique) | {info['n_params']:,} |
+| weights dtype | float32 |
+
+## Training
+
+| setting | value |
+|---|---|
+| optimizer | AdamW (betas 0.9, 0.95), weight decay {args.weight_decay} on matrices |
+| peak lr | {args.lr} |
+| schedule | linear warmup {args.warmup_steps} steps, cosine to {args.lr * args.min_lr_ratio:g} over the budget |
+| budget | {args.steps} steps or {args.max_minutes:g} minutes, whichever first (0 = no time limit) |
+| block size | {args.block_size} |
+| batch | {args.batch_size} random contiguous chunks ({args.batch_size * args.block_size} tokens/step) |
+| steps run / step budget | {info['steps_done']} / {args.steps} |
+| tokens seen | {info['tokens_seen']:,} (~{info['epochs']:.1f} epochs) |
+| grad clip | {args.grad_clip} |
+| seed | {args.seed} |
+| wall time | {info['train_minutes']:.1f} min on {info['threads']} CPU threads ({info['tokens_per_s']:.0f} tokens/s) |
+
+Final losses (mean token NLL, nats; non-overlapping {args.block_size}-token chunks, dropout off):
+
+| split | loss | perplexity |
+|---|---|---|
+| train | {info['train_loss']:.4f} | {math.exp(info['train_loss']):.2f} |
+| validation | {info['val_loss']:.4f} | {math.exp(info['val_loss']):.2f} |
+
+{info['stop_note']}
+
+## Reproduce
+
+```
+{cmd}
+```
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import cryptogen_hf
+tok = AutoTokenizer.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)
+model = AutoModelForCausalLM.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)
+```
+
+Perplexity: `python scripts/eval_ppl.py --data <path>/wikitext-2/test.txt`.
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    for f in args.data:
+        if "test" in Path(f).name:
+            sys.exit(f"refusing to train on a test split: {f}")
+
+    # 1. data and split
+    train_texts, val_texts = read_and_split(args.data, args.val_fraction)
+
+    # 2. tokenizer (fit on the training part only)
+    t0 = time.time()
+    bpe = train_tokenizer(train_texts, args.vocab_size)
+    hf_tok = wrap_tokenizer(bpe, args.n_positions)
+    vocab_size = len(hf_tok)
+    eot_id = hf_tok.convert_tokens_to_ids(EOT)
+    train_ids = encode_texts(hf_tok, train_texts)
+    val_ids = encode_texts(hf_tok, val_texts)
+    print(f"tokenizer: vocab {vocab_size}, trained in {time.time() - t0:.1f}s; "
+          f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
+
+    # 3. model
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=args.n_positions,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    model.train()
+    n_params = param_count(model)
+    print(f"model: {n_params:,} parameters")
+
+    # Weight decay only on matrices (not biases, LayerNorm gains), the usual GPT recipe.
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    stop_note = f"Training ran the full {args.steps} planned steps."
+    step = 0
+    ema = None
+    bar = tqdm(total=args.steps, desc="train", dynamic_ncols=True)
+    while step < args.steps:
+        frac = budget_fraction(step, time.time() - start, args)
+        if frac >= 1.0:
+            stop_note = (f"Training used its --max-minutes {args.max_minutes:g} time budget after {step} of "
+                         f"at most {args.steps} steps (the cosine schedule followed the time budget, so "
+                         f"the learning rate still reached its floor).")
+            break
+        lr = lr_at(step, frac, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = random_batch(train_ids, args.block_size, args.batch_size, gen)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if step % args.eval_every == 0 and step < args.steps:
+            vl = evaluate(model, val_ids, args.block_size, args.batch_size)
+            tqdm.write(f"step {step}: train(ema) {ema:.4f}  val {vl:.4f}  ({(time.time() - start) / 60:.1f} min)")
+    bar.close()
+    train_seconds = time.time() - start
+    tokens_seen = step * args.batch_size * args.block_size
+    print(stop_note)
+
+    # Final numbers with dropout off. The train loss is on a fixed 200k-token
+    # prefix so it is cheap and comparable to the validation loss.
+    val_loss = evaluate(model, val_ids, args.block_size, args.batch_size)
+    train_loss = evaluate(model, train_ids[:200_000], args.block_size, args.batch_size)
+    print(f"final: train loss {train_loss:.4f} (ppl {math.exp(train_loss):.2f}), "
+          f"val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); "
+          f"{step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min")
+
+    # 4. save: float32 weights, safetensors, tokenizer, model card
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.generation_config.bos_token_id = eot_id
+    model.generation_config.eos_token_id = eot_id
+    model.generation_config.pad_token_id = eot_id  # silences generate()'s pad warning
+    model.save_pretrained(args.out, safe_serialization=True)
+    hf_tok.save_pretrained(args.out)
+    fix_tokenizer_files(args.out)
+    info = {
+        "data_files": [os.path.relpath(Path(f).resolve(), REPO.parent) for f in args.data],
+        "n_train_tokens": len(train_ids),
+        "n_val_tokens": len(val_ids),
+        "vocab_size": vocab_size,
+        "eot_id": eot_id,
+        "n_params": n_params,
+        "steps_done": step,
+        "tokens_seen": tokens_seen,
+        "epochs": tokens_seen / len(train_ids),
+        "train_minutes": train_seconds / 60,
+        "threads": torch.get_num_threads(),
+        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "stop_note": stop_note,
+    }
+    write_model_card(args.out, args, info)
+    (args.out / "training_summary.json").write_text(
+        json.dumps({**info, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+    sizes = {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file()}
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
+          + f"; total {sum(sizes.values()) / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Two real OS processes (plus the TTP dealer) running CrypTen: correctness
+of the runtime, accuracy of the non-linear ops against torch, input privacy,
+and failure handling. Process start-up is slow, so each scenario is ONE
+launched program that returns everything the assertions need."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from cryptogen_hf.mpc.runtime import MPCConfig, MPCLaunchError, launch_local, rank_of
+
+pytestmark = pytest.mark.timeout(300)
+
+N_PRIVACY = 4000  # samples for the share/input correlation check
+
+
+# --------------------------------------------------------------------------
+# Inputs (deterministic; both parties and the test rebuild them from seeds)
+# --------------------------------------------------------------------------
+def gpt2_like_scores(heads: int, t_query: int, n: int, seed: int) -> torch.Tensor:
+    """Attention scores shaped like GPT-2's: N(0, 3) per entry, a per-head
+    offset, and an "attention sink" on token 0 (+12)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(heads, t_query, n, generator=g) * 3.0
+    s[..., 0] += 12.0
+    s += torch.randn(heads, 1, 1, generator=g) * 5.0
+    return s
+
+
+def gpt2_like_residual(rows: int, d: int, seed: int) -> torch.Tensor:
+    """Residual-stream rows with sd from 0.5 to 80, per-row offsets and
+    outlier dimensions at +-1000 (GPT-2's late layers look like this)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = torch.logspace(math.log10(0.5), math.log10(80.0), rows).unsqueeze(-1)
+    x = torch.randn(rows, d, generator=g) * sd + torch.randn(rows, 1, generator=g) * 3.0
+    x[: rows // 2, 5] = 1000.0
+    x[:, 100] = -800.0
+    x[:3, 400] = 1000.0
+    return x
+
+
+def gelu_grid() -> torch.Tensor:
+    return torch.linspace(-8.0, 8.0, 8001)
+
+
+# --------------------------------------------------------------------------
+# Party programs (module level: spawned processes import them)
+# --------------------------------------------------------------------------
+def _share_from(crypten, role, owner, value):
+    """Share `value` held by `owner`; the other party passes only the shape."""
+    t = value if role == owner else torch.zeros_like(value)
+    return crypten.cryptensor(t, src=rank_of(owner))
+
+
+def main_program(role):
+    from cryptogen_hf.crypten_compat import import_crypten
+
+    crypten = import_crypten()
+    from cryptogen_hf.mpc import ops
+
+    out = {}
+    # Private inputs: each party knows only its own.
+    a = torch.tensor([1.5, -2.25, 3.0, 100.0])
+    b = torch.tensor([2.0, 0.5, -4.0, -0.125])
+    ea = _share_from(crypten, role, "server", a)
+    eb = _share_from(crypten, role, "client", b)
+    out["sum"] = (ea + eb).get_plain_text()
+    out["prod"] = (ea * eb).get_plain_text()
+
+    # Privacy: the client's many inputs; each party returns what it holds.
+    g = torch.Generator().manual_seed(1234)
+    secret = torch.randn(N_PRIVACY, generator=g) * 10.0
+    es = _share_from(crypten, role, "client", secret)
+    out["my_share"] = es.share.clone()
+    out["secret"] = secret if role == "client" else None
+
+    def run(name, fn, x, owner="client"):
+        y = fn(_share_from(crypten, role, owner, x))
+        out[name] = y.get_plain_text()
+
+    run("gelu", ops.gelu, gelu_grid())
+    for n in (64, 512):
+        run(f"softmax_decode_{n}", ops.softmax, gpt2_like_scores(12, 1, n, seed=n))
+    run("softmax_causal", lambda z: ops.softmax(z, causal=True), gpt2_like_scores(4, 16, 16, seed=7))
+    x = gpt2_like_residual(32, 768, seed=0)
+    scale = ops.calibrate_pre_scale(x)
+    out["ln_scale"] = scale
+    run("layer_norm", lambda z: ops.layer_norm(z, eps=1e-5, pre_scale=scale), x)
+    run("layer_norm_n01", lambda z: ops.layer_norm(z, eps=1e-5), torch.randn(4, 192, generator=g))
+    return out
+
+
+def product_program(role):
+    from cryptogen_hf.crypten_compat import import_crypten
+
+    crypten = import_crypten()
+    from cryptogen_hf.mpc import ops
+
+    a = torch.tensor([[1.5, -2.0], [0.25, 8.0]])
+    b = torch.tensor([[3.0, 0.5], [-4.0, 0.125]])
+    ea = _share_from(crypten, role, "server", a)
+    eb = _share_from(crypten, role, "client", b)
+    x = torch.linspace(-6, 6, 101)
+    return {
+        "prod": (ea * eb).get_plain_text(),
+        "matmul": ea.matmul(eb).get_plain_text(),
+        "gt": (ea > eb).get_plain_text(),
+        "gelu": ops.gelu(_share_from(crypten, role, "client", x)).get_plain_text(),
+        "provider": crypten.mpc.get_default_provider().NAME,
+    }
+
+
+def dying_client_program(role):
+    from cryptogen_hf.crypten_compat import import_crypten
+
+    crypten = import_crypten()
+    x = crypten.cryptensor(torch.ones(8), src=rank_of("server"))
+    (x * x).get_plain_text()  # both alive so far
+    if role == "client":
+        os._exit(7)  # the client process dies mid-protocol
+    t0 = time.monotonic()
+    try:
+        (x * x).get_plain_text()
+    except Exception as exc:  # noqa: BLE001
+        from cryptogen_hf.mpc.runtime import translate_peer_error
+
+        err = translate_peer_error(exc)
+        return {"elapsed": time.monotonic() - t0, "type": type(err).__name__, "msg": str(err)}
+    return {"elapsed": time.monotonic() - t0, "type": None, "msg": "no error"}
+
+
+def hanging_client_program(role):
+    from cryptogen_hf.crypten_compat import import_crypten
+
+    crypten = import_crypten()
+    x = crypten.cryptensor(torch.ones(8), src=rank_of("server"))
+    if role == "client":
+        time.sleep(8)  # alive but silent, longer than the 3 s timeout
+        return None
+    t0 = time.monotonic()
+    try:
+        (x * x).get_plain_text()
+    except Exception as exc:  # noqa: BLE001
+        from cryptogen_hf.mpc.runtime import translate_peer_error
+
+        err = translate_peer_error(exc)
+        return {"elapsed": time.monotonic() - t0, "type": type(err).__name__, "msg": str(err)}
+    return {"elapsed": time.monotonic() - t0, "type": None, "msg": "no error"}
+
+
+# --------------------------------------------------------------------------
+# Fixtures: one launch per scenario
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ttp_run():
+    return launch_local(main_program, MPCConfig(dealer="ttp", timeout_s=60), wall_timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def client_dealer_run():
+    return launch_local(product_program, MPCConfig(dealer="client", timeout_s=60), wall_timeout_s=120)
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+def test_sum_and_product_of_private_inputs(ttp_run):
+    a = torch.tensor([1.5, -2.25, 3.0, 100.0])
+    b = torch.tensor([2.0, 0.5, -4.0, -0.125])
+    for role in ("server", "client"):
+        assert torch.allclose(ttp_run[role]["sum"], a + b, atol=1e-4)
+        assert torch.allclose(ttp_run[role]["prod"], a * b, atol=1e-3)
+
+
+def test_client_dealer_mode_products(client_dealer_run):
+    a = torch.tensor([[1.5, -2.0], [0.25, 8.0]])
+    b = torch.tensor([[3.0, 0.5], [-4.0, 0.125]])
+    r = client_dealer_run["server"]
+    assert r["provider"] == "CLIENT_DEALER"
+    assert torch.allclose(r["prod"], a * b, atol=1e-3)
+    assert torch.allclose(r["matmul"], a @ b, atol=1e-3)
+    assert torch.equal(r["gt"].long(), (a > b).long())
+    from cryptogen_hf.mpc.ops import gelu_reference
+
+    x = torch.linspace(-6, 6, 101)
+    assert (r["gelu"] - gelu_reference(x)).abs().max() <= 2e-3
+
+
+def test_client_input_not_revealed_to_server(ttp_run):
+    secret = ttp_run["client"]["secret"]
+    server_share = ttp_run["server"]["my_share"]
+    client_share = ttp_run["client"]["my_share"]
+    # The two shares reconstruct the encoded secret (mod 2^64)...
+    encoded = (secret.double() * 2**16).long()
+    assert ((server_share + client_share) - encoded).abs().max() <= 1
+    # ...but the server's share alone is uniform-looking and uncorrelated.
+    s = server_share.double()
+    corr = torch.corrcoef(torch.stack([s, secret.double()]))[0, 1].item()
+    assert abs(corr) < 4.0 / math.sqrt(N_PRIVACY)  # ~0 (4 sigma)
+    assert not torch.any(server_share == encoded)
+    # Spread over the whole 64-bit ring, not near the values themselves.
+    assert s.abs().median() > 2.0**60
+
+
+def test_gelu_accuracy_dense_grid(ttp_run):
+    from cryptogen_hf.mpc.ops import gelu_reference
+
+    x = gelu_grid()
+    err = (ttp_run["server"]["gelu"] - gelu_reference(x)).abs().max().item()
+    assert err <= 2e-3, err
+
+
+@pytest.mark.parametrize("n", [64, 512])
+def test_softmax_decode_accuracy(ttp_run, n):
+    s = gpt2_like_scores(12, 1, n, seed=n)
+    got = ttp_run["server"][f"softmax_decode_{n}"]
+    assert got.shape == s.shape
+    err = (got - torch.softmax(s, -1)).abs().max().item()
+    assert err <= 1.5e-2, err
+    assert torch.allclose(got.sum(-1), torch.ones(12, 1), atol=2e-2)
+
+
+def test_softmax_causal_prefill(ttp_run):
+    s = gpt2_like_scores(4, 16, 16, seed=7)
+    mask = torch.tril(torch.ones(16, 16)).bool()
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    got = ttp_run["server"]["softmax_causal"]
+    assert (got - ref).abs().max().item() <= 1.5e-2
+    assert torch.all(got[..., ~mask].abs() < 1e-4)  # masked entries are zero
+
+
+def test_layer_norm_large_variance_and_outliers(ttp_run):
+    from cryptogen_hf.mpc.ops import layer_norm_reference
+
+    x = gpt2_like_residual(32, 768, seed=0)
+    ref = layer_norm_reference(x, eps=1e-5)
+    got = ttp_run["server"]["layer_norm"]
+    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert rel <= 1e-2, rel
+    # Elementwise, relative to the output's scale (unit RMS per row).
+    assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_layer_norm_standard_normal(ttp_run):
+    g = torch.Generator().manual_seed(1234)
+    torch.randn(N_PRIVACY, generator=g)  # same draw order as main_program
+    x = torch.randn(4, 192, generator=g)
+    ref = torch.nn.functional.layer_norm(x, (192,), eps=1e-5)
+    got = ttp_run["server"]["layer_norm_n01"]
+    assert ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() <= 1e-2
+
+
+def test_dead_peer_raises_clear_error_within_timeout():
+    timeout = 10.0
+    t0 = time.monotonic()
+    with pytest.raises(MPCLaunchError) as info:
+        launch_local(dying_client_program, MPCConfig(dealer="ttp", timeout_s=timeout), wall_timeout_s=60)
+    assert "client" in info.value.failures  # the launcher names the dead process
+    server = info.value.results["server"]
+    assert server["type"] == "PeerError"
+    assert "'client'" in server["msg"]
+    assert server["elapsed"] < timeout
+    assert time.monotonic() - t0 < 60
+
+
+def test_silent_peer_times_out():
+    t0 = time.monotonic()
+    result = launch_local(hanging_client_program, MPCConfig(dealer="client", timeout_s=3), wall_timeout_s=60)
+    server = result["server"]
+    assert server["type"] == "PeerError", server
+    assert "'client'" in server["msg"]
+    assert 2.5 <= server["elapsed"] <= 6.0
+    assert time.monotonic() - t0 < 60
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MPCConfig(dealer="server")
+    assert rank_of("server") == 0 and rank_of("client") == 1 and rank_of("dealer") == 2
