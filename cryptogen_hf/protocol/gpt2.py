@@ -1,0 +1,288 @@
+"""The secure GPT-2 forward pass: one token at a time against the encrypted KV cache.
+
+SPMD, like CrypTen: the server and the client run ``SecureGPT2.step`` in
+lockstep with their own ``Party``. The server holds ``EncodedGPT2`` (its
+quantised, pre-encoded weights) and the encrypted caches; the client holds
+the token id and only public shapes. Between layers the activations are
+CrypTen shares (16 fractional bits); every linear layer and both attention
+products run under BFV at the server (DESIGN sections 4-5):
+
+    embed (client encrypts one-hot; server: ct x pt with wte, adds wpe[t])
+    per block:
+      LayerNorm (MPC, affine folded into the next linear)
+      qkv = x W_qkv (HE)                      -> shares
+      q | k | v -> fresh ciphertexts in the cache layout (one conversion)
+      cache.append(k, v); scores = q K^T (HE, ct x ct over the cache)
+      softmax (MPC)
+      out = probs V (HE, ct x ct over the cache)
+      attn_out linear (HE), residual (free on shares)
+      LayerNorm (MPC), fc_in (HE), GELU (MPC), fc_out (HE), residual
+    final LayerNorm (MPC), LM head (HE) -> logits shares -> opened to the client
+
+Cost per new token is linear in the context: the cache is never recomputed.
+
+Fixed point: activations enter HE with ``activation_bits`` fractional bits,
+weights carry ``weight_bits``; a product has the sum, and the HE -> shares
+conversion rescales to CrypTen's 16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..crypten_compat import import_crypten
+from ..he import DecodeMatvecPlan, InnerKVCache
+from ..mpc import ops
+from ..mpc.runtime import CLIENT, rank_of
+from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
+from .layouts import AttentionOutput, MatvecIO, ProbsIntoCache, QKVIntoCache, ScoresFromCache
+from .wire import pack_blobs, unpack_blobs
+
+PROTOCOL_VERSION = "cryptogen-gpt2-decode/1"
+
+
+@dataclass
+class ModelShape:
+    """What both parties know about the model: sizes, epsilons and LayerNorm pre-scales.
+
+    The pre-scales are public numbers the server computes from plaintext
+    activations (see ``server.calibration``); they reveal the rough scale of
+    each LayerNorm's input, nothing more (stated in docs/THREAT_MODEL.md).
+    """
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    vocab_size: int
+    ln_eps: float
+    ln_pre_scales: list = field(default_factory=list)  # 2 per block + the final one
+    name: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShape":
+        return cls(**d)
+
+
+@dataclass
+class FixedPoint:
+    activation_bits: int = 12
+    weight_bits: int = 14
+
+    def quantize_weight(self, w: torch.Tensor) -> np.ndarray:
+        return torch.round(w.double() * 2.0**self.weight_bits).to(torch.int64).numpy()
+
+    def quantize_product(self, b: torch.Tensor) -> np.ndarray:
+        """A bias at the scale of (activation x weight) products."""
+        return torch.round(b.double() * 2.0 ** (self.activation_bits + self.weight_bits)).to(torch.int64).numpy()
+
+
+class GPT2Plans:
+    """Shape-only HE plans; both parties build the same ones from ``ModelShape``."""
+
+    def __init__(self, shape: ModelShape, he_params):
+        d, v = shape.n_embd, shape.vocab_size
+        row = he_params.row_size
+        # The token embedding is a product with a one-hot vector of the vocabulary
+        # size; inputs longer than a slot row are split into chunks with one plan.
+        self.embed_chunk = min(v, row)
+        self.embed_chunks = -(-v // self.embed_chunk)
+        self.embed = DecodeMatvecPlan(self.embed_chunk, d, he_params)
+        self.qkv = DecodeMatvecPlan(d, 3 * d, he_params)
+        self.attn_out = DecodeMatvecPlan(d, d, he_params)
+        self.fc_in = DecodeMatvecPlan(d, 4 * d, he_params)
+        self.fc_out = DecodeMatvecPlan(4 * d, d, he_params)
+        self.lm_head = DecodeMatvecPlan(d, v, he_params)
+        self.cache_layout = InnerKVCache(shape.n_head, shape.head_dim, he_params)
+
+    def matvec_plans(self):
+        return [self.embed, self.qkv, self.attn_out, self.fc_in, self.fc_out, self.lm_head]
+
+    def galois_steps(self) -> list[int]:
+        steps = set(self.cache_layout.galois_steps())
+        for plan in self.matvec_plans():
+            steps |= plan.galois_steps()
+        return sorted(steps)
+
+
+@dataclass
+class EncodedLinear:
+    plan: DecodeMatvecPlan
+    weights: list  # pre-encoded NTT plaintexts (plan.encode_weights)
+    bias: np.ndarray  # int64, at activation_bits + weight_bits fractional bits
+
+
+class EncodedGPT2:
+    """The server's weights, quantised and encoded once as NTT plaintexts."""
+
+    def __init__(self, prepared, plans: GPT2Plans, encoder, fixed_point: FixedPoint, progress=None):
+        fp = fixed_point
+        d = prepared.n_embd
+        self.fixed_point = fp
+        steps = 1 + 4 * prepared.n_layer + 1
+        tick = progress or (lambda: None)
+
+        # Embedding: rows of wte, zero-padded to whole chunks.
+        padded = torch.zeros(plans.embed_chunks * plans.embed_chunk, d, dtype=torch.float64)
+        padded[: prepared.vocab_size] = prepared.wte
+        wte_int = fp.quantize_weight(padded)
+        self.embed = [
+            plans.embed.encode_weights(encoder, wte_int[c * plans.embed_chunk : (c + 1) * plans.embed_chunk])
+            for c in range(plans.embed_chunks)
+        ]
+        self.wpe = fp.quantize_weight(prepared.wpe)  # added at weight_bits (one-hot x wte has weight_bits)
+        tick()
+
+        def linear(plan, lin):
+            enc = EncodedLinear(plan, plan.encode_weights(encoder, fp.quantize_weight(lin.weight)), fp.quantize_product(lin.bias))
+            tick()
+            return enc
+
+        self.blocks = []
+        for block in prepared.blocks:
+            self.blocks.append(
+                {
+                    "qkv": linear(plans.qkv, block.qkv),
+                    "attn_out": linear(plans.attn_out, block.attn_out),
+                    "fc_in": linear(plans.fc_in, block.fc_in),
+                    "fc_out": linear(plans.fc_out, block.fc_out),
+                }
+            )
+        self.lm_head = linear(plans.lm_head, prepared.lm_head)
+        self.n_steps = steps
+
+
+class SecureGPT2:
+    """One party's side of the secure decode protocol for a GPT-2 model.
+
+    Server: ``encoded`` is an EncodedGPT2 and ``caches`` holds one
+    InnerKVCache per layer (the ciphertexts). Client: ``encoded`` is None and
+    only the token count is tracked.
+    """
+
+    def __init__(self, party, shape: ModelShape, plans: GPT2Plans, fixed_point: FixedPoint, encoded: EncodedGPT2 | None = None):
+        if party.is_server and encoded is None:
+            raise ValueError("the server side needs the encoded model")
+        if party.is_client and encoded is not None:
+            raise ValueError("the client must never hold the model's weights")
+        self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
+        self.crypten = import_crypten()
+        self.reset()
+
+    # ------------------------------------------------------------------ cache
+    def reset(self):
+        self.n_tokens = 0
+        if self.party.is_server:
+            he = self.party.he
+            self.caches = [InnerKVCache(self.shape.n_head, self.shape.head_dim, he.params, he.noise_model) for _ in range(self.shape.n_layer)]
+        else:
+            self.caches = None
+
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches) if self.caches else 0
+
+    # ------------------------------------------------------------------ steps
+    def step(self, token_id: int | None, want_logits: bool = True):
+        """Process the next token (client: its id; server: None). Returns logits shares or None."""
+        t = self.n_tokens
+        if t >= self.shape.n_positions:
+            raise ValueError(f"context of {self.shape.n_positions} tokens is full")
+        h = self._embed(token_id, t)
+        for layer in range(self.shape.n_layer):
+            h = self._block(layer, h, t)
+        self.n_tokens += 1
+        if not want_logits:
+            return None
+        x = ops.layer_norm(h, eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
+        return self._linear(x, "lm_head", None)
+
+    def _embed(self, token_id, t):
+        party, plans = self.party, self.plans
+        he = party.he
+        if party.is_client:
+            one_hot = np.zeros(plans.embed_chunks * plans.embed_chunk, dtype=np.int64)
+            one_hot[token_id] = 1
+            chunks = one_hot.reshape(plans.embed_chunks, plans.embed_chunk)
+            party.channel.send("embed.onehot", pack_blobs([he.serialize_ct(he.encrypt(plans.embed.pack_input(c))) for c in chunks]))
+            outs = None
+        else:
+            blobs = unpack_blobs(party.channel.recv_payload("embed.onehot"))
+            if len(blobs) != plans.embed_chunks:
+                raise ValueError(f"client sent {len(blobs)} embedding chunks, expected {plans.embed_chunks}")
+            outs = None
+            for blob, weights in zip(blobs, self.encoded.embed):
+                tiles = plans.embed.apply(he, weights, he.load_ct(blob))
+                if outs is None:
+                    outs = tiles
+                else:
+                    for acc, tile in zip(outs, tiles):
+                        he.evaluator.add_inplace(acc, tile)
+        wpe = self.encoded.wpe[t] if party.is_server else None
+        return he_to_shares(party, outs, MatvecIO(plans.embed), self.fp.weight_bits, self.shape.n_embd, server_addend=wpe)
+
+    def _linear(self, x, name: str, layer: int | None):
+        """x (shares) @ W + b for the named linear layer -> shares (16 bits)."""
+        party = self.party
+        plan = getattr(self.plans, name)
+        io = MatvecIO(plan)
+        cts = shares_to_he(party, x, io, self.fp.activation_bits)
+        if party.is_server:
+            enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
+            outs, bias = plan.apply(party.he, enc.weights, cts[0]), enc.bias
+        else:
+            outs, bias = None, None
+        bits = self.fp.activation_bits + self.fp.weight_bits
+        return he_to_shares(party, outs, io, bits, plan.d_out, server_addend=bias)
+
+    def _block(self, layer: int, h, t: int):
+        party, shape, fa = self.party, self.shape, self.fp.activation_bits
+        d, n_head = shape.n_embd, shape.n_head
+        layout = self.plans.cache_layout
+        n_ctx = t + 1
+
+        x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
+        qkv = self._linear(x, "qkv", layer)
+
+        # q, k, v re-encrypted fresh in the cache layout; k, v join the cache.
+        q_k_v = shares_to_he(party, qkv, QKVIntoCache(layout, t), fa)
+        if party.is_server:
+            cache = self.caches[layer]
+            q_ct, k_ct, v_ct = q_k_v
+            cache.append(party.he, k_ct, v_ct)
+            score_cts = cache.scores(party.he, q_ct)
+        else:
+            score_cts = None
+        scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx), 2 * fa, n_head * n_ctx)
+        probs = ops.softmax(scores.reshape(n_head, n_ctx), dim=-1)
+
+        prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx), CRYPTEN_FRAC_BITS)
+        out_ct = [self.caches[layer].attend(party.he, prob_cts)] if party.is_server else None
+        attn = he_to_shares(party, out_ct, AttentionOutput(layout), fa + CRYPTEN_FRAC_BITS, d)
+
+        h = h + self._linear(attn, "attn_out", layer)
+        x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
+        m = ops.gelu(self._linear(x, "fc_in", layer))
+        return h + self._linear(m, "fc_out", layer)
+
+    # --------------------------------------------------------------- reveal
+    def reveal_to_client(self, x) -> torch.Tensor | None:
+        """Open shares to the client only, decoded exactly in float64.
+
+        (CrypTen's get_plain_text decodes negative values with an off-by-one
+        in the divisor and through float32; logits need better than that.)
+        """
+        ring = x._tensor.reveal(dst=rank_of(CLIENT))
+        if self.party.is_server:
+            return None
+        return ring.double() / 2.0**CRYPTEN_FRAC_BITS
