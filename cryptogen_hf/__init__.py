@@ -14,3 +14,12 @@ __version__ = "0.1.0"
 
 # The small GPT-2 that ships with the package (made by scripts/train_small_model.py).
 SHIPPED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gpt2"
+
+
+def __getattr__(name):
+    # Lazy: `import cryptogen_hf` stays light; the HF classes pull in transformers and crypten.
+    if name in ("CryptoGenForCausalLM", "EncryptedCache", "CryptoGenGPT2Config"):
+        from .hf import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module 'cryptogen_hf' has no attribute {name!r}")

@@ -36,6 +36,7 @@ class MPCSettings:
 class TimeoutSettings:
     peer_s: float = 120.0
     startup_s: float = 180.0
+    idle_s: float = 3600.0
 
 
 @dataclass
@@ -58,6 +59,10 @@ class CryptoGenConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CryptoGenConfig":

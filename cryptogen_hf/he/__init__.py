@@ -8,12 +8,12 @@ attention OuterAttentionPlan + OuterKVCache (prefill), InnerKVCache (decode toke
 """
 
 from .attention import InnerKVCache, OuterAttentionPlan, OuterKVCache
-from .keys import CiphertextError, ClientHE, ServerHE
+from .keys import CiphertextError, ClientHE, PlaintextEncoder, ServerHE
 from .matvec import DecodeMatvecPlan, PrefillMatvecPlan
 from .noise import NoiseModel
 from .params import HEParams
 
 __all__ = [
-    "HEParams", "ClientHE", "ServerHE", "CiphertextError", "NoiseModel",
+    "HEParams", "ClientHE", "ServerHE", "PlaintextEncoder", "CiphertextError", "NoiseModel",
     "DecodeMatvecPlan", "PrefillMatvecPlan", "OuterAttentionPlan", "OuterKVCache", "InnerKVCache",
 ]

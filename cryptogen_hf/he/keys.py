@@ -310,3 +310,12 @@ class ServerHE(_HEBase):
         ct = sealapi.Ciphertext()
         self.encryptor.encrypt(self.encode(values), ct)
         return ct
+
+
+class PlaintextEncoder(_HEBase):
+    """Context, encoder and evaluator for a parameter set, with no keys at all.
+
+    The server encodes its weights with it once at start-up, before any
+    client has sent keys; plaintexts depend only on the parameters, so they
+    work with every session's ``ServerHE`` of the same parameters.
+    """

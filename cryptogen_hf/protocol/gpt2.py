@@ -28,7 +28,9 @@ conversion rescales to CrypTen's 16.
 
 from __future__ import annotations
 
-import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -178,7 +180,18 @@ class SecureGPT2:
             raise ValueError("the client must never hold the model's weights")
         self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
         self.crypten = import_crypten()
+        # Wall-clock seconds per protocol component (this party's view), for
+        # the benchmarks' breakdown; reset with timings.clear().
+        self.timings = defaultdict(float)
         self.reset()
+
+    @contextmanager
+    def _timed(self, component: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[component] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ cache
     def reset(self):
@@ -198,13 +211,15 @@ class SecureGPT2:
         t = self.n_tokens
         if t >= self.shape.n_positions:
             raise ValueError(f"context of {self.shape.n_positions} tokens is full")
-        h = self._embed(token_id, t)
+        with self._timed("embedding"):
+            h = self._embed(token_id, t)
         for layer in range(self.shape.n_layer):
             h = self._block(layer, h, t)
         self.n_tokens += 1
         if not want_logits:
             return None
-        x = ops.layer_norm(h, eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
+        with self._timed("layernorm"):
+            x = ops.layer_norm(h, eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
         return self._linear(x, "lm_head", None)
 
     def _embed(self, token_id, t):
@@ -236,14 +251,17 @@ class SecureGPT2:
         party = self.party
         plan = getattr(self.plans, name)
         io = MatvecIO(plan)
-        cts = shares_to_he(party, x, io, self.fp.activation_bits)
-        if party.is_server:
-            enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
-            outs, bias = plan.apply(party.he, enc.weights, cts[0]), enc.bias
-        else:
-            outs, bias = None, None
+        with self._timed("to_he"):
+            cts = shares_to_he(party, x, io, self.fp.activation_bits)
+        with self._timed(name):
+            if party.is_server:
+                enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
+                outs, bias = plan.apply(party.he, enc.weights, cts[0]), enc.bias
+            else:
+                outs, bias = None, None
         bits = self.fp.activation_bits + self.fp.weight_bits
-        return he_to_shares(party, outs, io, bits, plan.d_out, server_addend=bias)
+        with self._timed("from_he"):
+            return he_to_shares(party, outs, io, bits, plan.d_out, server_addend=bias)
 
     def _block(self, layer: int, h, t: int):
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
@@ -251,28 +269,39 @@ class SecureGPT2:
         layout = self.plans.cache_layout
         n_ctx = t + 1
 
-        x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
+        with self._timed("layernorm"):
+            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
         qkv = self._linear(x, "qkv", layer)
 
         # q, k, v re-encrypted fresh in the cache layout; k, v join the cache.
-        q_k_v = shares_to_he(party, qkv, QKVIntoCache(layout, t), fa)
-        if party.is_server:
-            cache = self.caches[layer]
-            q_ct, k_ct, v_ct = q_k_v
-            cache.append(party.he, k_ct, v_ct)
-            score_cts = cache.scores(party.he, q_ct)
-        else:
-            score_cts = None
-        scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx), 2 * fa, n_head * n_ctx)
-        probs = ops.softmax(scores.reshape(n_head, n_ctx), dim=-1)
+        with self._timed("to_he"):
+            q_k_v = shares_to_he(party, qkv, QKVIntoCache(layout, t), fa)
+        with self._timed("scores"):
+            if party.is_server:
+                cache = self.caches[layer]
+                q_ct, k_ct, v_ct = q_k_v
+                cache.append(party.he, k_ct, v_ct)
+                score_cts = cache.scores(party.he, q_ct)
+            else:
+                score_cts = None
+        with self._timed("from_he"):
+            scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx), 2 * fa, n_head * n_ctx)
+        with self._timed("softmax"):
+            probs = ops.softmax(scores.reshape(n_head, n_ctx), dim=-1)
 
-        prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx), CRYPTEN_FRAC_BITS)
-        out_ct = [self.caches[layer].attend(party.he, prob_cts)] if party.is_server else None
-        attn = he_to_shares(party, out_ct, AttentionOutput(layout), fa + CRYPTEN_FRAC_BITS, d)
+        with self._timed("to_he"):
+            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx), CRYPTEN_FRAC_BITS)
+        with self._timed("attn_values"):
+            out_ct = [self.caches[layer].attend(party.he, prob_cts)] if party.is_server else None
+        with self._timed("from_he"):
+            attn = he_to_shares(party, out_ct, AttentionOutput(layout), fa + CRYPTEN_FRAC_BITS, d)
 
         h = h + self._linear(attn, "attn_out", layer)
-        x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
-        m = ops.gelu(self._linear(x, "fc_in", layer))
+        with self._timed("layernorm"):
+            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
+        m = self._linear(x, "fc_in", layer)
+        with self._timed("gelu"):
+            m = ops.gelu(m)
         return h + self._linear(m, "fc_out", layer)
 
     # --------------------------------------------------------------- reveal

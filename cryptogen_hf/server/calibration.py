@@ -47,9 +47,12 @@ def layer_norm_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
 
 def layer_norm_pre_scales(model, tokenizer=None, eps: float = 1e-5) -> list[float]:
     """One public pre-scale per LayerNorm (2 per block + final), from the calibration text."""
+    ids = None
     if tokenizer is not None:
         ids = tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, : model.config.n_positions]
-    else:
+        if ids.numel() == 0 or int(ids.max()) >= model.config.vocab_size:
+            ids = None  # not this model's tokenizer
+    if ids is None:
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=generator)
+        ids = torch.randint(0, model.config.vocab_size, (1, min(64, model.config.n_positions)), generator=generator)
     return [calibrate_pre_scale(x[0], eps=eps) for x in layer_norm_inputs(model, ids)]

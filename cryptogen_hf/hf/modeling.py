@@ -1,0 +1,326 @@
+"""HuggingFace integration: ``CryptoGenForCausalLM`` and ``EncryptedCache``.
+
+``CryptoGenForCausalLM`` is a ``PreTrainedModel`` with ``GenerationMixin``
+whose ``forward`` runs secure steps through a ``ClientSession``; everything
+``generate()`` does around it (logits processors, sampling, stopping
+criteria, streamers) is unchanged. The client process holds no weights: it
+reads the checkpoint's ``config.json`` (public hyper-parameters) at most; the
+server process loads the weights.
+
+``EncryptedCache`` is the ``Cache`` that ``generate()`` threads through the
+steps. Its ciphertexts live at the server; it holds the session handle and
+the token count, and answers length/mask/size questions without decrypting.
+Passing it to a later ``generate()`` continues the conversation with no new
+prefill.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, GPT2Config, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import CryptoGenConfig, load_config
+from ..protocol.session import ClientSession
+
+
+class CryptoGenGPT2Config(GPT2Config):
+    """GPT-2 hyper-parameters plus where the secure server is; no weights involved."""
+
+    model_type = "cryptogen-gpt2"
+
+
+class EncryptedLayer(CacheLayerMixin):
+    """One layer's view of the server-side encrypted cache: a length, no tensors."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self):
+        super().__init__()
+        self.seq_length = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):  # pragma: no cover (never called)
+        raise RuntimeError("EncryptedLayer holds no plaintext keys or values")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("the encrypted cache is updated by the secure protocol at the server, not with plaintext tensors")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seq_length = 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported by the encrypted cache (batch size 1 only)")
+
+
+class EncryptedCache(Cache):
+    """Handle on the encrypted KV cache a ``CryptoGenForCausalLM``'s server keeps."""
+
+    def __init__(self, model: "CryptoGenForCausalLM"):
+        super().__init__(layers=[EncryptedLayer() for _ in range(model.config.n_layer)])
+        self.session = model.session
+
+    # -- what the protocol reports -------------------------------------------
+    def _advance(self, n_tokens: int) -> None:
+        for layer in self.layers:
+            layer.seq_length += n_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seq_length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ciphertext the server holds for this cache (asked, not decrypted)."""
+        return int(self.session.stats()["cache_bytes"])
+
+    def reset(self) -> None:
+        self.session.reset()
+        for layer in self.layers:
+            layer.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "cropping the encrypted cache is not supported yet; call reset() and generate from the full text"
+        )
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported by the encrypted cache (batch size 1 only)")
+
+    def __repr__(self) -> str:
+        return f"EncryptedCache(tokens={self.get_seq_length()}, layers={len(self.layers)})"
+
+
+def _start_local_server(model_path: str, settings: CryptoGenConfig):
+    """Start ``cryptogen serve`` as a child process on loopback; return (process, port).
+
+    The same program a remote deployment runs, so local mode exercises the
+    real server; it loads the weights, this process never does.
+    """
+    settings_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    settings_file.close()
+    settings.save(settings_file.name)
+    command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--port", "0",
+               "--config", settings_file.name, "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    stderr_tail = collections.deque(maxlen=30)
+    threading.Thread(target=lambda: [stderr_tail.append(line) for line in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + settings.timeouts.startup_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    time.sleep(0.2)  # let the stderr reader catch up
+                    raise RuntimeError(f"the local server exited (code {proc.returncode}):\n{''.join(stderr_tail)}")
+                continue
+            if line.startswith("CRYPTOGEN_LISTENING "):
+                return proc, int(line.rsplit(":", 1)[1])
+        proc.kill()
+        raise RuntimeError(f"the local server did not start within {settings.timeouts.startup_s:.0f} s")
+    finally:
+        os.unlink(settings_file.name)
+
+
+class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose forward pass is the CryptoGen two-party protocol.
+
+    Use it where you would use ``AutoModelForCausalLM``::
+
+        model = CryptoGenForCausalLM.from_pretrained("path/to/gpt2-checkpoint")   # local server
+        model = CryptoGenForCausalLM.from_pretrained(server="host:port")          # remote server
+        out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=32)
+    """
+
+    config_class = CryptoGenGPT2Config
+    base_model_prefix = "cryptogen"
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+
+    def __init__(self, config, session: ClientSession | None = None):
+        super().__init__(config)
+        self.session = session
+        self._server_process = None
+        # PreTrainedModel infers device and dtype from parameters; the client has
+        # no weights, so it carries one placeholder.
+        self._device_anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.post_init()
+
+    # -- loading --------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, server: str | None = None, settings=None, **kwargs):
+        """Connect to a secure server for this checkpoint.
+
+        pretrained_model_name_or_path: an ordinary GPT-2 checkpoint folder. Without
+            ``server``, a server process is started on loopback and loads the weights;
+            this process reads only the public config.json.
+        server: "host:port" of a running ``cryptogen serve``; the path is then optional.
+        settings: a cryptogen_hf config name, path or CryptoGenConfig (HE parameters,
+            fixed point, dealer, timeouts); must match the server's.
+        """
+        settings = load_config(settings)
+        unused = set(kwargs) - {"dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "trust_remote_code"}
+        if unused:
+            raise TypeError(f"unsupported from_pretrained arguments for a secure model: {sorted(unused)}")
+        proc = None
+        if server is None:
+            if pretrained_model_name_or_path is None:
+                raise ValueError("give a checkpoint path (local server) or server='host:port'")
+            if not Path(pretrained_model_name_or_path).exists():
+                raise FileNotFoundError(
+                    f"no checkpoint folder at {pretrained_model_name_or_path!r} (nothing is downloaded at run time)"
+                )
+            from ..server.weights import check_supported
+
+            check_supported(AutoConfig.from_pretrained(pretrained_model_name_or_path))
+            proc, port = _start_local_server(pretrained_model_name_or_path, settings)
+            host = "127.0.0.1"
+        else:
+            host, _, port_text = server.rpartition(":")
+            if not host or not port_text.isdigit():
+                raise ValueError(f"server must be 'host:port', got {server!r}")
+            port = int(port_text)
+        try:
+            session = ClientSession(host, port, settings)
+        except BaseException:
+            if proc is not None:
+                proc.kill()
+            raise
+        config = cls._config_from(session, pretrained_model_name_or_path)
+        model = cls(config, session)
+        model._server_process = proc
+        model.eval()
+        atexit.register(model.close)
+        return model
+
+    @staticmethod
+    def _config_from(session: ClientSession, path) -> CryptoGenGPT2Config:
+        shape = session.shape
+        extra = {}
+        if path is not None and Path(path).exists():
+            public = AutoConfig.from_pretrained(path)  # token ids, generation defaults: public
+            extra = {k: getattr(public, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(public, k, None) is not None}
+        return CryptoGenGPT2Config(
+            n_layer=shape.n_layer,
+            n_embd=shape.n_embd,
+            n_head=shape.n_head,
+            n_positions=shape.n_positions,
+            vocab_size=shape.vocab_size,
+            layer_norm_epsilon=shape.ln_eps,
+            name_or_path=shape.name,
+            **extra,
+        )
+
+    def close(self):
+        """End the secure session and stop the local server, if this model started one."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self._server_process is not None:
+            # The local server serves only this model: stop it once the session is closed.
+            self._server_process.terminate()
+            try:
+                self._server_process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._server_process.kill()
+            self._server_process = None
+
+    # -- generation hooks -----------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("cache")
+        if cache is None:
+            if self.session.n_tokens:
+                self.session.reset()  # a new generate() without a cache starts a new conversation
+            model_kwargs["cache"] = EncryptedCache(self)
+        elif not isinstance(cache, EncryptedCache):
+            raise TypeError(f"CryptoGenForCausalLM needs an EncryptedCache, got {type(cache).__name__}")
+
+    def get_output_embeddings(self):
+        return None
+
+    # -- the secure step ------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        cache: EncryptedCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if self.session is None:
+            raise RuntimeError("this secure model is closed")
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds would reveal activations to nobody but cannot be encrypted as token ids; pass input_ids")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids of shape (batch, tokens) are required")
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"batch size {input_ids.shape[0]} is not supported: the secure protocol runs one sequence at a time")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding (zeros in attention_mask) is not supported with batch size 1; remove the padding")
+        if cache is None:
+            # A plain forward call: a fresh conversation, not kept.
+            self.session.reset()
+            cache = EncryptedCache(self)
+        if cache.get_seq_length() != self.session.n_tokens:
+            raise RuntimeError(
+                f"this EncryptedCache holds {cache.get_seq_length()} tokens but the server session has "
+                f"{self.session.n_tokens}: a cache can only continue the session it was made in"
+            )
+        tokens = input_ids[0].tolist()
+        n = len(tokens)
+        keep = n if not logits_to_keep else min(int(logits_to_keep), n)
+        logits_for = [i >= n - keep for i in range(n)]
+        rows = self.session.forward(tokens, logits_for)
+        cache._advance(n)
+        logits = torch.stack(rows).to(torch.float32).unsqueeze(0)  # (1, keep, vocab)
+        loss = None
+        if labels is not None:
+            if keep != n:
+                raise ValueError("labels need logits for every position (logits_to_keep=0)")
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            loss = nn.functional.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(torch.long))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def register_auto_classes() -> None:
+    """Make the Auto classes know the secure model type (idempotent)."""
+    try:
+        AutoConfig.register(CryptoGenGPT2Config.model_type, CryptoGenGPT2Config)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(CryptoGenGPT2Config, CryptoGenForCausalLM)
+    except ValueError:
+        pass
+
+
+register_auto_classes()

@@ -1,0 +1,241 @@
+"""A secure generation session: handshake, key transfer, CrypTen set-up, then steps.
+
+The server side (``run_server_session``) runs in its own worker process, one
+per client (see ``server.serve``); the client side (``ClientSession``) runs
+in the user's process, under ``CryptoGenForCausalLM``.
+
+Handshake (over the framed channel), before any expensive work:
+
+    client -> server  hello    {protocol, he params, fixed point, dealer}
+    server -> client  welcome  {session id, model shape, model name, MPC port}
+                      or error naming the mismatch (then the worker exits)
+    client -> server  he_bundle  public + relinearization + Galois keys only
+    both              join CrypTen (the client also starts the TTP dealer)
+
+Then requests, each answered in lockstep by the SPMD protocol:
+
+    {"op": "forward", "tokens": k, "logits_for": [...]}   k secure steps
+    {"op": "reset"} | {"op": "stats"} | {"op": "close"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import secrets
+
+from ..config import CryptoGenConfig
+from ..he import ClientHE, HEParams, ServerHE
+from ..mpc import runtime
+from . import transport
+from .gpt2 import PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, SecureGPT2
+from .party import CLIENT, SERVER, Party
+
+log = logging.getLogger(__name__)
+
+
+class HandshakeError(RuntimeError):
+    """Client and server cannot work together; the message names the mismatch."""
+
+
+def _json(payload: bytes) -> dict:
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise transport.ProtocolError(f"malformed JSON message: {exc}") from exc
+
+
+def he_params_from(config: CryptoGenConfig) -> HEParams:
+    return HEParams(poly_modulus_degree=config.he.poly_modulus_degree, plain_modulus_bits=config.he.plain_modulus_bits)
+
+
+def fixed_point_from(config: CryptoGenConfig) -> FixedPoint:
+    return FixedPoint(config.fixed_point.activation_bits, config.fixed_point.weight_bits)
+
+
+def _hello(config: CryptoGenConfig) -> dict:
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "he_fingerprint": he_params_from(config).fingerprint(),
+        "he_params": config.he.__dict__,
+        "fixed_point": config.fixed_point.__dict__,
+        "dealer": config.mpc.dealer,
+    }
+
+
+def check_hello(theirs: dict, ours: dict) -> None:
+    """Raise HandshakeError naming the first setting on which the two sides differ."""
+    for key, what in (
+        ("protocol", "protocol version"),
+        ("he_fingerprint", "HE parameters"),
+        ("fixed_point", "fixed-point settings"),
+        ("dealer", "dealer mode"),
+    ):
+        if theirs.get(key) != ours.get(key):
+            detail = f"client {theirs.get(key)!r}, server {ours.get(key)!r}"
+            if key == "he_fingerprint":
+                detail = f"client {theirs.get('he_params')}, server {ours.get('he_params')}"
+            raise HandshakeError(f"{what} mismatch: {detail}")
+
+
+# ---------------------------------------------------------------------------
+# Server side (runs in a per-session worker process)
+# ---------------------------------------------------------------------------
+def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConfig, host: str = "127.0.0.1") -> None:
+    """Serve one client until it closes. ``hosted`` is a ``server.serve.HostedModel``."""
+    hello = _json(channel.recv_payload("hello"))
+    try:
+        check_hello(hello, _hello(config))
+    except HandshakeError as exc:
+        channel.send("error", f"handshake refused: {exc}".encode())
+        raise
+    session_id = secrets.token_hex(16)  # 128 bits from the OS CSPRNG: unguessable
+    mpc_config = runtime.MPCConfig(dealer=config.mpc.dealer, host=host, port=runtime.free_port(host), timeout_s=config.timeouts.peer_s)
+    welcome = {"session": session_id, "shape": hosted.shape.to_dict(), "mpc_port": mpc_config.port}
+    channel.send("welcome", json.dumps(welcome).encode())
+
+    he = ServerHE.from_bundle(channel.recv_payload("he_bundle"))
+    if he.params.fingerprint() != hosted.he_params.fingerprint():
+        channel.send("error", b"HE bundle parameters differ from the handshake")
+        raise HandshakeError("HE bundle parameters differ from the handshake")
+    missing = set(hosted.plans.galois_steps()) - set(he.galois_steps)
+    if missing:
+        channel.send("error", f"HE bundle lacks Galois keys for steps {sorted(missing)[:8]}".encode())
+        raise HandshakeError(f"HE bundle lacks Galois keys for steps {sorted(missing)}")
+
+    runtime.init_party(SERVER, mpc_config)
+    try:
+        party = Party(SERVER, channel, he)
+        runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded)
+        while True:
+            request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
+            op = request.get("op")
+            if op == "forward":
+                for want in request["logits_for"]:
+                    logits = runner.step(None, want_logits=want)
+                    if want:
+                        runner.reveal_to_client(logits)
+            elif op == "reset":
+                runner.reset()
+            elif op == "stats":
+                stats = {"tokens": runner.n_tokens, "cache_bytes": runner.cache_nbytes(), "timings": dict(runner.timings)}
+                channel.send("stats", json.dumps(stats).encode())
+            elif op == "close":
+                return
+            else:
+                channel.send("error", f"unknown request {op!r}".encode())
+                return
+    finally:
+        runtime.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# Client side (the user's process)
+# ---------------------------------------------------------------------------
+class ClientSession:
+    """The client's end of one secure session with a server at ``host:port``."""
+
+    _active = None  # CrypTen's communicator is per process: one session at a time
+
+    def __init__(self, host: str, port: int, config: CryptoGenConfig | None = None):
+        if ClientSession._active is not None:
+            raise RuntimeError("this process already has an open secure session; close() it first")
+        self.config = config or CryptoGenConfig()
+        self.config.validate()
+        timeout = self.config.timeouts.peer_s
+        self.channel = transport.connect(host, port, f"server {host}:{port}", timeout_s=timeout, retry_s=5.0)
+        self.dealer_process = None
+        try:
+            self._open(host)
+        except BaseException:
+            self._teardown()
+            raise
+        ClientSession._active = self
+
+    def _open(self, host: str):
+        self.channel.send("hello", json.dumps(_hello(self.config)).encode())
+        kind, payload = self.channel.recv(timeout_s=self.config.timeouts.startup_s)
+        if kind == "error":
+            raise HandshakeError(payload.decode("utf-8", errors="replace"))
+        if kind != "welcome":
+            raise transport.ProtocolError(f"expected 'welcome' from the server, got {kind!r}")
+        welcome = _json(payload)
+        self.session_id = welcome["session"]
+        self.shape = ModelShape.from_dict(welcome["shape"])
+        he_params = he_params_from(self.config)
+        self.plans = GPT2Plans(self.shape, he_params)
+        self.he = ClientHE(he_params)
+        self.channel.send("he_bundle", self.he.public_bundle(self.plans.galois_steps()))
+
+        mpc_config = runtime.MPCConfig(
+            dealer=self.config.mpc.dealer, host=host, port=welcome["mpc_port"], timeout_s=self.config.timeouts.peer_s
+        )
+        if mpc_config.uses_ttp:
+            # The dealer is a third process; here the client's machine starts it.
+            ctx = multiprocessing.get_context("spawn")
+            self.dealer_process = ctx.Process(target=runtime.run_dealer, args=(mpc_config,), name="cryptogen-dealer", daemon=True)
+            self.dealer_process.start()
+        runtime.init_party(CLIENT, mpc_config)
+        self.party = Party(CLIENT, self.channel, self.he)
+        self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config))
+
+    # -- requests ---------------------------------------------------------------
+    def _request(self, **request):
+        self.channel.send("request", json.dumps(request).encode())
+
+    def forward(self, token_ids: list[int], logits_for: list[bool], on_token=None) -> list:
+        """Run the secure steps for ``token_ids``; returns float64 logits for the flagged positions."""
+        if len(token_ids) != len(logits_for):
+            raise ValueError("token_ids and logits_for differ in length")
+        if self.runner.n_tokens + len(token_ids) > self.shape.n_positions:
+            raise ValueError(
+                f"sequence of {self.runner.n_tokens + len(token_ids)} tokens exceeds the model's context of "
+                f"{self.shape.n_positions} tokens"
+            )
+        for tok in token_ids:
+            if not 0 <= int(tok) < self.shape.vocab_size:
+                raise ValueError(f"token id {tok} outside the vocabulary (0..{self.shape.vocab_size - 1})")
+        self._request(op="forward", logits_for=[bool(w) for w in logits_for])
+        out = []
+        for tok, want in zip(token_ids, logits_for):
+            logits = self.runner.step(int(tok), want_logits=want)
+            if want:
+                out.append(self.runner.reveal_to_client(logits))
+            if on_token is not None:
+                on_token()
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        return self.runner.n_tokens
+
+    def reset(self):
+        self._request(op="reset")
+        self.runner.reset()
+
+    def stats(self) -> dict:
+        """Token count, encrypted-cache bytes and the server's timings; nothing is decrypted."""
+        self._request(op="stats")
+        return _json(self.channel.recv_payload("stats"))
+
+    def close(self):
+        if ClientSession._active is self:
+            try:
+                self._request(op="close")
+            except transport.TransportError:
+                pass
+        self._teardown()
+
+    def _teardown(self):
+        try:
+            runtime.shutdown()
+        except Exception as exc:  # noqa: BLE001 (closing; the peer may be gone)
+            log.info("closing MPC session: %s", exc)
+        self.channel.close()
+        if self.dealer_process is not None:
+            self.dealer_process.join(timeout=5)
+            if self.dealer_process.is_alive():
+                self.dealer_process.kill()
+        if ClientSession._active is self:
+            ClientSession._active = None
