@@ -299,9 +299,9 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         n = len(tokens)
         keep = n if not logits_to_keep else min(int(logits_to_keep), n)
         logits_for = [i >= n - keep for i in range(n)]
-        rows = self.session.forward(tokens, logits_for)
+        logits = self.session.forward(tokens, logits_for)
         cache._advance(n)
-        logits = torch.stack(rows).to(torch.float32).unsqueeze(0)  # (1, keep, vocab)
+        logits = logits.to(torch.float32).unsqueeze(0)  # (1, keep, vocab)
         loss = None
         if labels is not None:
             if keep != n:

@@ -206,68 +206,95 @@ class SecureGPT2:
         return sum(c.nbytes for c in self.caches) if self.caches else 0
 
     # ------------------------------------------------------------------ steps
-    def step(self, token_id: int | None, want_logits: bool = True):
-        """Process the next token (client: its id; server: None). Returns logits shares or None."""
-        t = self.n_tokens
-        if t >= self.shape.n_positions:
-            raise ValueError(f"context of {self.shape.n_positions} tokens is full")
+    def step(self, token_ids, logits_for: list[bool]):
+        """Process the next T tokens in one pass (prefill: T > 1; decode: T = 1).
+
+        token_ids: the client's T token ids (the server passes None).
+        logits_for: T flags, public; only a suffix may be True (the positions
+            whose logits the caller needs; the LM head runs for those only).
+        Returns the logits shares (keep x vocab) or None when no flag is set.
+
+        All T tokens go through each MPC op together, so a prefill of T tokens
+        costs the rounds of one token; the cache grows by T.
+        """
+        T = len(logits_for)
+        t0 = self.n_tokens
+        keep = sum(bool(w) for w in logits_for)
+        if keep and not all(logits_for[T - keep :]):
+            raise ValueError("logits can be requested for a suffix of the new tokens only")
+        if T == 0 or t0 + T > self.shape.n_positions:
+            raise ValueError(f"{t0} + {T} tokens do not fit the model's context of {self.shape.n_positions}")
+        if self.party.is_client and len(token_ids) != T:
+            raise ValueError("one flag per token is needed")
         with self._timed("embedding"):
-            h = self._embed(token_id, t)
+            h = self._embed(token_ids, t0, T)
         for layer in range(self.shape.n_layer):
-            h = self._block(layer, h, t)
-        self.n_tokens += 1
-        if not want_logits:
+            h = self._block(layer, h, t0, T)
+        self.n_tokens += T
+        if not keep:
             return None
         with self._timed("layernorm"):
-            x = ops.layer_norm(h, eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
+            x = ops.layer_norm(h[T - keep :], eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
         return self._linear(x, "lm_head", None)
 
-    def _embed(self, token_id, t):
+    def _embed(self, token_ids, t0: int, T: int):
         party, plans = self.party, self.plans
         he = party.he
+        n_chunks = plans.embed_chunks
         if party.is_client:
-            one_hot = np.zeros(plans.embed_chunks * plans.embed_chunk, dtype=np.int64)
-            one_hot[token_id] = 1
-            chunks = one_hot.reshape(plans.embed_chunks, plans.embed_chunk)
-            party.channel.send("embed.onehot", pack_blobs([he.serialize_ct(he.encrypt(plans.embed.pack_input(c))) for c in chunks]))
+            blobs = []
+            for token_id in token_ids:
+                one_hot = np.zeros(n_chunks * plans.embed_chunk, dtype=np.int64)
+                one_hot[token_id] = 1
+                for chunk in one_hot.reshape(n_chunks, plans.embed_chunk):
+                    blobs.append(he.serialize_ct(he.encrypt(plans.embed.pack_input(chunk))))
+            party.channel.send("embed.onehot", pack_blobs(blobs))
             outs = None
         else:
             blobs = unpack_blobs(party.channel.recv_payload("embed.onehot"))
-            if len(blobs) != plans.embed_chunks:
-                raise ValueError(f"client sent {len(blobs)} embedding chunks, expected {plans.embed_chunks}")
-            outs = None
-            for blob, weights in zip(blobs, self.encoded.embed):
-                tiles = plans.embed.apply(he, weights, he.load_ct(blob))
-                if outs is None:
-                    outs = tiles
-                else:
-                    for acc, tile in zip(outs, tiles):
-                        he.evaluator.add_inplace(acc, tile)
-        wpe = self.encoded.wpe[t] if party.is_server else None
-        return he_to_shares(party, outs, MatvecIO(plans.embed), self.fp.weight_bits, self.shape.n_embd, server_addend=wpe)
+            if len(blobs) != T * n_chunks:
+                raise ValueError(f"client sent {len(blobs)} embedding ciphertexts, expected {T * n_chunks}")
+            outs = []
+            for i in range(T):
+                token_tiles = None
+                for c, weights in enumerate(self.encoded.embed):
+                    tiles = plans.embed.apply(he, weights, he.load_ct(blobs[i * n_chunks + c]))
+                    if token_tiles is None:
+                        token_tiles = tiles
+                    else:
+                        for acc, tile in zip(token_tiles, tiles):
+                            he.evaluator.add_inplace(acc, tile)
+                outs.extend(token_tiles)
+        wpe = self.encoded.wpe[t0 : t0 + T].reshape(-1) if party.is_server else None
+        d = self.shape.n_embd
+        h = he_to_shares(party, outs, MatvecIO(plans.embed, T), self.fp.weight_bits, T * d, server_addend=wpe)
+        return h.reshape(T, d)
 
     def _linear(self, x, name: str, layer: int | None):
-        """x (shares) @ W + b for the named linear layer -> shares (16 bits)."""
+        """x (T x d_in shares) @ W + b for the named linear layer -> T x d_out shares (16 bits)."""
         party = self.party
         plan = getattr(self.plans, name)
-        io = MatvecIO(plan)
+        T = x.size(0)
+        io = MatvecIO(plan, T)
         with self._timed("to_he"):
-            cts = shares_to_he(party, x, io, self.fp.activation_bits)
+            cts = shares_to_he(party, x.reshape(-1), io, self.fp.activation_bits)
         with self._timed(name):
             if party.is_server:
                 enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
-                outs, bias = plan.apply(party.he, enc.weights, cts[0]), enc.bias
+                outs = [tile for ct in cts for tile in plan.apply(party.he, enc.weights, ct)]
+                bias = np.tile(enc.bias, T)
             else:
                 outs, bias = None, None
         bits = self.fp.activation_bits + self.fp.weight_bits
         with self._timed("from_he"):
-            return he_to_shares(party, outs, io, bits, plan.d_out, server_addend=bias)
+            y = he_to_shares(party, outs, io, bits, T * plan.d_out, server_addend=bias)
+        return y.reshape(T, plan.d_out)
 
-    def _block(self, layer: int, h, t: int):
+    def _block(self, layer: int, h, t0: int, T: int):
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
         d, n_head = shape.n_embd, shape.n_head
         layout = self.plans.cache_layout
-        n_ctx = t + 1
+        n_ctx = t0 + T
 
         with self._timed("layernorm"):
             x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
@@ -275,26 +302,32 @@ class SecureGPT2:
 
         # q, k, v re-encrypted fresh in the cache layout; k, v join the cache.
         with self._timed("to_he"):
-            q_k_v = shares_to_he(party, qkv, QKVIntoCache(layout, t), fa)
+            q_k_v = shares_to_he(party, qkv.reshape(-1), QKVIntoCache(layout, t0, T), fa)
         with self._timed("scores"):
             if party.is_server:
                 cache = self.caches[layer]
-                q_ct, k_ct, v_ct = q_k_v
-                cache.append(party.he, k_ct, v_ct)
-                score_cts = cache.scores(party.he, q_ct)
+                for k_ct, v_ct in zip(q_k_v[T : 2 * T], q_k_v[2 * T :]):
+                    cache.append(party.he, k_ct, v_ct)
+                score_cts = [ct for q_ct in q_k_v[:T] for ct in cache.scores(party.he, q_ct)]
             else:
                 score_cts = None
         with self._timed("from_he"):
-            scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx), 2 * fa, n_head * n_ctx)
+            scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx, T), 2 * fa, T * n_head * n_ctx)
         with self._timed("softmax"):
-            probs = ops.softmax(scores.reshape(n_head, n_ctx), dim=-1)
+            # (heads, T, n_ctx): the public causal mask hides later tokens of the same pass.
+            probs = ops.softmax(scores.reshape(T, n_head, n_ctx).permute(1, 0, 2), dim=-1, causal=T > 1)
+            probs = probs.permute(1, 0, 2)
 
         with self._timed("to_he"):
-            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx), CRYPTEN_FRAC_BITS)
+            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx, T), CRYPTEN_FRAC_BITS)
         with self._timed("attn_values"):
-            out_ct = [self.caches[layer].attend(party.he, prob_cts)] if party.is_server else None
+            if party.is_server:
+                blocks = len(prob_cts) // T
+                out_cts = [self.caches[layer].attend(party.he, prob_cts[i * blocks : (i + 1) * blocks]) for i in range(T)]
+            else:
+                out_cts = None
         with self._timed("from_he"):
-            attn = he_to_shares(party, out_ct, AttentionOutput(layout), fa + CRYPTEN_FRAC_BITS, d)
+            attn = he_to_shares(party, out_cts, AttentionOutput(layout, T), fa + CRYPTEN_FRAC_BITS, T * d).reshape(T, d)
 
         h = h + self._linear(attn, "attn_out", layer)
         with self._timed("layernorm"):

@@ -37,60 +37,79 @@ class SlotVector:
 
 
 class MatvecIO:
-    """Input and output of a ``DecodeMatvecPlan``: one input ciphertext, n_tiles outputs."""
+    """Input and output of a ``DecodeMatvecPlan`` for ``rows`` tokens at once.
 
-    def __init__(self, plan):
-        self.plan = plan
+    Each token is its own product (one input ciphertext, n_tiles outputs);
+    batching them in one conversion keeps the rounds of a single token.
+    """
+
+    def __init__(self, plan, rows: int = 1):
+        self.plan, self.rows = plan, rows
 
     def pack_input(self, values):
-        return [self.plan.pack_input(values)]
+        x = np.asarray(values).reshape(self.rows, self.plan.d_in)
+        return [self.plan.pack_input(row) for row in x]
 
     def unpack_output(self, slots):
-        return self.plan.unpack_output(np.stack([np.asarray(s) for s in slots]))
+        tiles = self.plan.n_tiles
+        groups = [np.stack([np.asarray(s) for s in slots[i * tiles : (i + 1) * tiles]]) for i in range(self.rows)]
+        return np.concatenate([self.plan.unpack_output(g) for g in groups])
 
 
 class QKVIntoCache:
-    """The fused q|k|v vector (3d) of token t -> [query ct, key ct, value ct] for the inner cache.
+    """Fused q|k|v rows of tokens t0..t0+T-1 -> fresh ciphertexts for the inner cache.
 
-    q is replicated at every token offset of a cache block (so one ct x ct
-    product scores a whole block); k and v sit at token t's slot offset, zeros
-    elsewhere, ready to be added into the cache ciphertext.
+    Order: T query ciphertexts (q replicated at every token offset of a cache
+    block, so one ct x ct product scores a whole block), then T key and T
+    value ciphertexts (token t's features at its slot offset, zeros elsewhere,
+    ready to be added into the cache ciphertext).
     """
 
-    def __init__(self, cache_layout, t: int):
-        self.cache, self.t = cache_layout, t
+    def __init__(self, cache_layout, t0: int, rows: int = 1):
+        self.cache, self.t0, self.rows = cache_layout, t0, rows
 
     def pack_input(self, values):
-        v = np.asarray(values, dtype=np.int64).reshape(3, -1)
-        return [self.cache.pack_query(v[0]), self.cache.pack_token(v[1], self.t), self.cache.pack_token(v[2], self.t)]
+        v = np.asarray(values, dtype=np.int64).reshape(self.rows, 3, -1)
+        positions = range(self.t0, self.t0 + self.rows)
+        queries = [self.cache.pack_query(v[i, 0]) for i in range(self.rows)]
+        keys = [self.cache.pack_token(v[i, 1], t) for i, t in enumerate(positions)]
+        values_ = [self.cache.pack_token(v[i, 2], t) for i, t in enumerate(positions)]
+        return queries + keys + values_
 
 
 class ScoresFromCache:
-    """Scores (heads x T) out of the per-block score ciphertexts of the inner cache."""
+    """Scores (T x heads x n_ctx) out of T groups of per-block score ciphertexts."""
 
-    def __init__(self, cache_layout, n_tokens: int):
-        self.cache, self.n_tokens = cache_layout, n_tokens
+    def __init__(self, cache_layout, n_ctx: int, rows: int = 1):
+        self.cache, self.n_ctx, self.rows = cache_layout, n_ctx, rows
+        self.blocks = -(-n_ctx // cache_layout.B)
 
     def unpack_output(self, slots):
-        return self.cache.unpack_scores([np.asarray(s) for s in slots], self.n_tokens).reshape(-1)
+        b = self.blocks
+        return np.concatenate(
+            [self.cache.unpack_scores([np.asarray(s) for s in slots[i * b : (i + 1) * b]], self.n_ctx).reshape(-1) for i in range(self.rows)]
+        )
 
 
 class ProbsIntoCache:
-    """Probabilities (heads x T) -> one ciphertext per cache block, each p[h, t] over head h's features."""
+    """Probabilities (T x heads x n_ctx) -> per query, one ciphertext per cache block."""
 
-    def __init__(self, cache_layout, n_tokens: int):
-        self.cache, self.n_tokens = cache_layout, n_tokens
+    def __init__(self, cache_layout, n_ctx: int, rows: int = 1):
+        self.cache, self.n_ctx, self.rows = cache_layout, n_ctx, rows
 
     def pack_input(self, values):
-        p = np.asarray(values, dtype=np.int64).reshape(self.cache.H, self.n_tokens)
-        return list(self.cache.pack_probs(p, self.n_tokens))
+        p = np.asarray(values, dtype=np.int64).reshape(self.rows, self.cache.H, self.n_ctx)
+        out = []
+        for i in range(self.rows):
+            out.extend(self.cache.pack_probs(p[i], self.n_ctx))
+        return out
 
 
 class AttentionOutput:
-    """The attention output (d = heads x head_dim) out of ``InnerKVCache.attend``'s ciphertext."""
+    """Attention outputs (T x d) out of ``InnerKVCache.attend``'s ciphertexts, one per query."""
 
-    def __init__(self, cache_layout):
-        self.cache = cache_layout
+    def __init__(self, cache_layout, rows: int = 1):
+        self.cache, self.rows = cache_layout, rows
 
     def unpack_output(self, slots):
-        return self.cache.unpack_out(np.asarray(slots[0])).reshape(-1)
+        return np.concatenate([self.cache.unpack_out(np.asarray(s)).reshape(-1) for s in slots[: self.rows]])

@@ -112,10 +112,9 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
             op = request.get("op")
             if op == "forward":
-                for want in request["logits_for"]:
-                    logits = runner.step(None, want_logits=want)
-                    if want:
-                        runner.reveal_to_client(logits)
+                logits = runner.step(None, request["logits_for"])
+                if logits is not None:
+                    runner.reveal_to_client(logits)
             elif op == "reset":
                 runner.reset()
             elif op == "stats":
@@ -184,8 +183,12 @@ class ClientSession:
     def _request(self, **request):
         self.channel.send("request", json.dumps(request).encode())
 
-    def forward(self, token_ids: list[int], logits_for: list[bool], on_token=None) -> list:
-        """Run the secure steps for ``token_ids``; returns float64 logits for the flagged positions."""
+    def forward(self, token_ids: list[int], logits_for: list[bool]):
+        """Run ``token_ids`` through the secure model in one pass.
+
+        Returns float64 logits (n_flagged x vocab) for the flagged positions (a
+        suffix), or None if none is flagged.
+        """
         if len(token_ids) != len(logits_for):
             raise ValueError("token_ids and logits_for differ in length")
         if self.runner.n_tokens + len(token_ids) > self.shape.n_positions:
@@ -196,15 +199,12 @@ class ClientSession:
         for tok in token_ids:
             if not 0 <= int(tok) < self.shape.vocab_size:
                 raise ValueError(f"token id {tok} outside the vocabulary (0..{self.shape.vocab_size - 1})")
-        self._request(op="forward", logits_for=[bool(w) for w in logits_for])
-        out = []
-        for tok, want in zip(token_ids, logits_for):
-            logits = self.runner.step(int(tok), want_logits=want)
-            if want:
-                out.append(self.runner.reveal_to_client(logits))
-            if on_token is not None:
-                on_token()
-        return out
+        flags = [bool(w) for w in logits_for]
+        self._request(op="forward", logits_for=flags)
+        logits = self.runner.step([int(t) for t in token_ids], flags)
+        if logits is None:
+            return None
+        return self.runner.reveal_to_client(logits).reshape(sum(flags), self.shape.vocab_size)
 
     @property
     def n_tokens(self) -> int:
