@@ -183,6 +183,10 @@ class SecureGPT2:
         # Wall-clock seconds per protocol component (this party's view), for
         # the benchmarks' breakdown; reset with timings.clear().
         self.timings = defaultdict(float)
+        # Work done since the session began (reset() does not clear it): lets a
+        # caller check that a continued conversation did not recompute old tokens.
+        self.passes = 0
+        self.tokens_processed = 0
         self.reset()
 
     @contextmanager
@@ -231,6 +235,8 @@ class SecureGPT2:
         for layer in range(self.shape.n_layer):
             h = self._block(layer, h, t0, T)
         self.n_tokens += T
+        self.passes += 1
+        self.tokens_processed += T
         if not keep:
             return None
         with self._timed("layernorm"):

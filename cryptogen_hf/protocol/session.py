@@ -118,7 +118,13 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
             elif op == "reset":
                 runner.reset()
             elif op == "stats":
-                stats = {"tokens": runner.n_tokens, "cache_bytes": runner.cache_nbytes(), "timings": dict(runner.timings)}
+                stats = {
+                    "tokens": runner.n_tokens,
+                    "cache_bytes": runner.cache_nbytes(),
+                    "passes": runner.passes,
+                    "tokens_processed": runner.tokens_processed,
+                    "timings": dict(runner.timings),
+                }
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":
                 return
@@ -154,11 +160,10 @@ class ClientSession:
 
     def _open(self, host: str):
         self.channel.send("hello", json.dumps(_hello(self.config)).encode())
-        kind, payload = self.channel.recv(timeout_s=self.config.timeouts.startup_s)
-        if kind == "error":
-            raise HandshakeError(payload.decode("utf-8", errors="replace"))
-        if kind != "welcome":
-            raise transport.ProtocolError(f"expected 'welcome' from the server, got {kind!r}")
+        try:
+            payload = self.channel.recv_payload("welcome", timeout_s=self.config.timeouts.startup_s)
+        except transport.PeerReportedError as exc:
+            raise HandshakeError(exc.peer_message) from None
         welcome = _json(payload)
         self.session_id = welcome["session"]
         self.shape = ModelShape.from_dict(welcome["shape"])
@@ -201,10 +206,14 @@ class ClientSession:
                 raise ValueError(f"token id {tok} outside the vocabulary (0..{self.shape.vocab_size - 1})")
         flags = [bool(w) for w in logits_for]
         self._request(op="forward", logits_for=flags)
-        logits = self.runner.step([int(t) for t in token_ids], flags)
-        if logits is None:
-            return None
-        return self.runner.reveal_to_client(logits).reshape(sum(flags), self.shape.vocab_size)
+        try:
+            logits = self.runner.step([int(t) for t in token_ids], flags)
+            if logits is None:
+                return None
+            return self.runner.reveal_to_client(logits).reshape(sum(flags), self.shape.vocab_size)
+        except Exception as exc:
+            # A gloo error from a dead or silent server becomes a PeerError naming it.
+            raise runtime.translate_peer_error(exc) from exc
 
     @property
     def n_tokens(self) -> int:

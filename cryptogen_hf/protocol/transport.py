@@ -45,6 +45,14 @@ class ProtocolError(TransportError):
     """The peer sent something that is not the message the protocol expects."""
 
 
+class PeerReportedError(TransportError):
+    """The peer sent an "error" message; ``peer_message`` is its text."""
+
+    def __init__(self, peer_name: str, peer_message: str):
+        super().__init__(f"{peer_name} reported an error: {peer_message}")
+        self.peer_message = peer_message
+
+
 @dataclass
 class ChannelStats:
     """What crossed the channel, for benchmarks and the transcript audit."""
@@ -115,7 +123,7 @@ class Channel:
         if self.recorder is not None:
             self.recorder(kind, payload)
         if kind == "error" and expect_kind != "error":
-            raise TransportError(f"{self.peer_name} reported an error: {payload.decode('utf-8', errors='replace')}")
+            raise PeerReportedError(self.peer_name, payload.decode("utf-8", errors="replace"))
         if expect_kind is not None and kind != expect_kind:
             raise ProtocolError(f"expected {expect_kind!r} from {self.peer_name}, got {kind!r}")
         return kind, payload

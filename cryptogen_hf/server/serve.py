@@ -90,8 +90,20 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
     return HostedModel(shape, he_params, plans, fixed_point, encoded)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the server process dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: workers end when their client's connection drops
+
+
 def _session_worker(listener: socket.socket, conn: socket.socket, hosted: HostedModel, config: CryptoGenConfig, host: str):
     listener.close()  # the worker serves one client; only the parent accepts
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     channel = transport.Channel(conn, "client", timeout_s=config.timeouts.peer_s)
     try:

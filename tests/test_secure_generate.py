@@ -1,0 +1,134 @@
+"""generate() through the secure protocol on the shipped model, against plaintext.
+
+One secure session for the module: the server is a real `cryptogen serve`
+child process (it alone loads the weights), the TTP dealer a third process,
+and this test process is the client. Every check compares with the plaintext
+HF model.
+"""
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+
+from cryptogen_hf import SHIPPED_MODEL_DIR
+from cryptogen_hf.config import CryptoGenConfig, MPCSettings
+from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
+
+PROMPTS = [
+    "The history of the city",
+    "First Citizen:",
+    "In 1914 , the army",
+    "The album was released",
+    "KING RICHARD III:",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def plain_model():
+    return AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL_DIR).eval()
+
+
+@pytest.fixture(scope="module")
+def secure_model():
+    # The client deals the triples here: the same arithmetic as the default
+    # third-party dealer (tested with generate() below and in test_mpc_ops),
+    # three times fewer rounds, so the 5 x 32-token fidelity run fits CI.
+    settings = CryptoGenConfig(mpc=MPCSettings(dealer="client"))
+    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, settings=settings)
+    yield model
+    model.close()
+
+
+def _plain_greedy(plain_model, input_ids, n):
+    with torch.no_grad():
+        return plain_model.generate(input_ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(input_ids))
+
+
+def test_greedy_generation_is_token_identical_to_plaintext(secure_model, plain_model, tokenizer):
+    report = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        secure = secure_model.generate(
+            ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        plain = _plain_greedy(plain_model, ids, NEW_TOKENS)
+        assert secure.sequences.tolist() == plain.tolist(), f"prompt {prompt!r} diverged"
+        # Logit error at every step, against the plaintext logits of the same sequence.
+        with torch.no_grad():
+            reference = plain_model(secure.sequences).logits[0, ids.shape[1] - 1 : -1]
+        got = torch.cat(secure.logits)
+        errors = (got - reference).abs().amax(dim=-1)
+        report.append({"prompt": prompt, "max_abs_logit_error_per_step": [round(e, 5) for e in errors.tolist()]})
+        assert errors.max().item() < 0.1, errors.max().item()
+    print(json.dumps(report))
+
+
+def test_cache_continues_a_conversation_without_recomputing(secure_model, plain_model, tokenizer):
+    session = secure_model.session
+    first = tokenizer("The city was", return_tensors="pt").input_ids
+    cache = EncryptedCache(secure_model)
+    out1 = secure_model.generate(first, cache=cache, max_new_tokens=4, do_sample=False)
+    assert cache.get_seq_length() == out1.shape[1] - 1  # the last new token is not yet in the cache
+    before = session.stats()
+    assert before["tokens"] == cache.get_seq_length()
+    assert cache.nbytes == before["cache_bytes"] > 0
+
+    follow_up = torch.cat([out1, tokenizer(" and the", return_tensors="pt").input_ids], dim=1)
+    out2 = secure_model.generate(follow_up, cache=cache, max_new_tokens=4, do_sample=False)
+    after = session.stats()
+    # Only the tokens the cache lacked were processed, then one per new token:
+    new_prompt_tokens = follow_up.shape[1] - before["tokens"]
+    assert after["tokens_processed"] - before["tokens_processed"] == new_prompt_tokens + 3
+    assert after["passes"] - before["passes"] == 4  # one prefill pass + 3 decode passes
+    assert out2.tolist() == _plain_greedy(plain_model, follow_up, 4).tolist()
+
+
+def test_sampling_options_work_unchanged(secure_model, tokenizer):
+    ids = tokenizer("The album", return_tensors="pt").input_ids
+    greedy = secure_model.generate(ids, max_new_tokens=5, do_sample=False)
+    top1 = secure_model.generate(ids, max_new_tokens=5, do_sample=True, top_k=1)
+    assert top1.tolist() == greedy.tolist()  # top-k=1 sampling is greedy
+    torch.manual_seed(3)
+    a = secure_model.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.9, top_p=0.9, top_k=50)
+    torch.manual_seed(3)
+    b = secure_model.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.9, top_p=0.9, top_k=50)
+    assert a.tolist() == b.tolist()  # same seed, same tokens
+    assert a.shape[1] == ids.shape[1] + 5 and int(a.max()) < secure_model.config.vocab_size
+
+
+def test_streamer_and_pipeline(secure_model, tokenizer):
+    ids = tokenizer("First Citizen:", return_tensors="pt").input_ids
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        out = secure_model.generate(ids, max_new_tokens=4, do_sample=False, streamer=TextStreamer(tokenizer))
+    assert buffer.getvalue().strip() == tokenizer.decode(out[0]).strip()
+
+    generator = pipeline("text-generation", model=secure_model, tokenizer=tokenizer)
+    text = generator("First Citizen:", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text == tokenizer.decode(out[0])
+
+
+def test_bad_inputs_fail_before_any_work(secure_model, tokenizer):
+    session = secure_model.session
+    before = session.stats()["tokens_processed"]
+    too_long = torch.randint(0, 100, (1, secure_model.config.n_positions + 1))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        secure_model(too_long)
+    with pytest.raises(ValueError, match="batch size 2"):
+        secure_model(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        secure_model(torch.tensor([[secure_model.config.vocab_size]]))
+    assert session.stats()["tokens_processed"] == before
+    # The session is still usable afterwards.
+    ids = tokenizer("The", return_tensors="pt").input_ids
+    assert secure_model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2

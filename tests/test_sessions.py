@@ -1,0 +1,93 @@
+"""Sessions against a real `cryptogen serve` process: handshake, default TTP dealer, faults."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, TimeoutSettings
+from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
+from cryptogen_hf.mpc.runtime import PeerError
+from cryptogen_hf.protocol.session import ClientSession, HandshakeError
+from cryptogen_hf.protocol.transport import TransportError
+from cryptogen_hf.server.weights import UnsupportedArchitectureError
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def server(tiny_checkpoint):
+    """`cryptogen serve` in its own process group (so a test can kill it and its session workers)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(tiny_checkpoint), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("CRYPTOGEN_LISTENING"), line
+    port = int(line.rsplit(":", 1)[1])
+    yield proc, port
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(server, tiny_checkpoint):
+    proc, port = server
+    with pytest.raises(HandshakeError, match="fixed-point settings mismatch"):
+        ClientSession("127.0.0.1", port, CryptoGenConfig(fixed_point=FixedPointSettings(activation_bits=10)))
+    with pytest.raises(HandshakeError, match="HE parameters mismatch"):
+        ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(plain_modulus_bits=40)))
+    assert proc.poll() is None  # still serving
+    # A matching client (default settings: TTP dealer in a third process) gets exact greedy tokens.
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    try:
+        ids = torch.tensor([[5, 17, 250]])
+        secure = model.generate(ids, max_new_tokens=3, do_sample=False)
+        plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
+        assert secure.tolist() == plain.tolist()
+    finally:
+        model.close()
+
+
+def test_unsupported_architecture_is_refused_before_starting_a_server(tmp_path):
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+        CryptoGenForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        CryptoGenForCausalLM.from_pretrained(tmp_path / "absent")
+
+
+def test_server_killed_mid_generation_raises_within_the_timeout(server, tiny_checkpoint):
+    proc, port = server
+    settings = CryptoGenConfig(timeouts=TimeoutSettings(peer_s=15))
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}", settings=settings)
+    killer = threading.Timer(4.0, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises((PeerError, TransportError, RuntimeError)) as info:
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=40, do_sample=False)
+        assert time.monotonic() - start < 4.0 + 15 + 10
+        assert "server" in str(info.value)
+    finally:
+        killer.cancel()
+        model.close()
