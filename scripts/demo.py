@@ -1,8 +1,9 @@
-"""The main job: generate text with the small GPT-2 shipped in the repo.
+"""The main job: secure generation with the small GPT-2 shipped in the repo.
 
-Today this runs the plaintext model (the secure path lands with the
-CryptoGenForCausalLM issue); it prints the prompt, the output and the
-per-token latency.
+Starts a `cryptogen serve` process for the shipped checkpoint (it alone loads
+the weights) and a TTP dealer process, generates from the prompt through the
+CryptoGen protocol with `model.generate()`, and prints the secure output next
+to the plaintext model's, with per-token latency.
 """
 
 from __future__ import annotations
@@ -13,44 +14,70 @@ import time
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
+from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
+
+
+class LatencyBar(BaseStreamer):
+    """A generate() streamer that drives a progress bar and records when each token arrived."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="secure generation", unit="tok")
+        self.times = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first sends the prompt
+            self._prompt_seen = True
+            self.start = time.perf_counter()
+            return
+        self.times.append(time.perf_counter())
+        self.bar.update(1)
+
+    def end(self):
+        self.bar.close()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="HF checkpoint folder (default: the shipped model)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="GPT-2 checkpoint folder (default: the shipped model)")
     parser.add_argument("--prompt", default="The history of the city")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path (default: configs/default.yaml)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
 
-    # Greedy decoding one token at a time so the progress bar and the
-    # per-token latency are visible; same tokens as model.generate(do_sample=False).
-    past = None
-    ids = input_ids
-    step_input = input_ids
-    latencies = []
-    with torch.no_grad():
-        for _ in tqdm(range(args.max_new_tokens), desc="generating (plaintext)", unit="tok"):
-            start = time.perf_counter()
-            out = model(step_input, cache=past, use_cache=True)
-            past = out.cache
-            next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-            latencies.append(time.perf_counter() - start)
-            ids = torch.cat([ids, next_id], dim=1)
-            step_input = next_id
-            if next_id.item() == tokenizer.eos_token_id:
-                break
+    print(f"starting the server and the dealer for {args.model} ...", flush=True)
+    start = time.perf_counter()
+    secure = CryptoGenForCausalLM.from_pretrained(args.model, settings=args.config)
+    print(f"secure session ready in {time.perf_counter() - start:.1f} s (keys made, server loaded and encoded the weights)")
+    try:
+        bar = LatencyBar(args.max_new_tokens)
+        out = secure.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=bar)
+        stats = secure.session.stats()
+    finally:
+        secure.close()
 
-    print(f"model:  {args.model}")
-    print(f"prompt: {args.prompt!r}")
-    print(f"output: {tokenizer.decode(ids[0, input_ids.shape[1]:])!r}")
-    print(f"plaintext per-token latency: {1000 * sum(latencies) / len(latencies):.2f} ms over {len(latencies)} tokens")
+    plain_model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    with torch.no_grad():
+        plain = plain_model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids))
+
+    n_prompt = input_ids.shape[1]
+    first = bar.times[0] - bar.start
+    decode = [b - a for a, b in zip(bar.times, bar.times[1:])]
+    print()
+    print(f"prompt:           {args.prompt!r} ({n_prompt} tokens)")
+    print(f"secure output:    {tokenizer.decode(out[0, n_prompt:])!r}")
+    print(f"plaintext output: {tokenizer.decode(plain[0, n_prompt:])!r}")
+    print(f"identical tokens: {out.tolist() == plain.tolist()}")
+    print(f"prefill ({n_prompt} tokens, one pass) + first token: {first:.2f} s")
+    if decode:
+        print(f"per-token latency (decode, context {n_prompt + 1}..{out.shape[1] - 1}): {sum(decode) / len(decode):.2f} s")
+    print(f"encrypted KV cache at the server: {stats['cache_bytes'] / 2**20:.1f} MiB for {stats['tokens']} tokens")
 
 
 if __name__ == "__main__":

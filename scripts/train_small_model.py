@@ -271,7 +271,7 @@ no pad token. Saved as a `PreTrainedTokenizerFast`; `decode(encode(s)) == s`.
 | seed | {args.seed} |
 | wall time | {info['train_minutes']:.1f} min on {info['threads']} CPU threads ({info['tokens_per_s']:.0f} tokens/s) |
 
-Final losses (mean token NLL, nats; non-overlapping {args.block_size}-token chunks, dropout off):
+Final losses (mean token NLL, nats; train = the first 200k training tokens; non-overlapping {args.block_size}-token chunks, dropout off):
 
 | split | loss | perplexity |
 |---|---|---|
@@ -285,6 +285,10 @@ Final losses (mean token NLL, nats; non-overlapping {args.block_size}-token chun
 ```
 {cmd}
 ```
+
+The machine's CPUs were shared with other jobs, so the time budget, not the
+step budget, decided the step count; with a time budget the run is seeded but
+not bit-reproducible. `--max-minutes 0 --steps N` gives a pure step budget.
 
 ## Use
 

@@ -18,10 +18,25 @@ DATA = Path(cryptogen_hf.__file__).resolve().parent.parent.parent / "shared" / "
 WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
 
 # Measured on the shipped checkpoint: first 2,000 tokens of WikiText-2 test,
-# window 512, stride 256 -> ppl MEASURED_PPL_2K. The bound leaves a wide margin
-# (so numerics/threads never flake) yet is far below the uniform baseline of
-# 4096, and far below what an untrained or broken model gives (~4000+).
-PPL_2K_BOUND = 250.0
+# window 512, stride 256 -> ppl 72.86. The bound leaves a wide margin (numerics,
+# thread counts, or a retrain under a different time budget never flake it) yet
+# is far below the uniform baseline of 4096 and what an untrained model gives
+# (a 40-step model scores ~450 here).
+PPL_2K_BOUND = 120.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run these small forward passes on one thread.
+
+    The test machines are shared; with several busy processes, torch's
+    multi-threaded kernels spend most of their time waiting on each other
+    (measured: 10x slower than one thread). Restored afterwards.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +132,8 @@ def test_strided_windows_score_each_token_with_the_right_context(tok, model):
     """
     text = WIKITEXT_TEST.read_text(encoding="utf-8")[:3000] if WIKITEXT_TEST.is_file() else \
         "It was the best of times , it was the worst of times . " * 20
-    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"][:150])
-    n, window, stride = len(ids), 48, 20
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"][:90])
+    n, window, stride = len(ids), 32, 12  # 6 windows; last one is shorter than `window`
     expected = 0.0
     for p in range(1, n):
         k = 0

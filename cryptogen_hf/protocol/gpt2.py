@@ -97,10 +97,22 @@ class GPT2Plans:
         d, v = shape.n_embd, shape.vocab_size
         row = he_params.row_size
         # The token embedding is a product with a one-hot vector of the vocabulary
-        # size; inputs longer than a slot row are split into chunks with one plan.
-        self.embed_chunk = min(v, row)
+        # size, split into equal chunks that share one plan (outputs add up).
+        # Long inputs make the diagonal method slow (a 4096-wide chunk for a
+        # 192-wide output measured 20x slower than four 1024-wide ones), so the
+        # chunk size is the one with the lowest estimated total time.
+        candidates = [c for c in (256, 512, 1024, 2048, 4096) if c <= row] or [row]
+        if v <= candidates[0]:
+            candidates = [v]
+        best = None
+        for chunk in candidates:
+            plan = DecodeMatvecPlan(min(chunk, v), d, he_params)
+            cost = plan.est_seconds * -(-v // min(chunk, v))
+            if best is None or cost < best[0]:
+                best = (cost, plan)
+        self.embed = best[1]
+        self.embed_chunk = self.embed.d_in
         self.embed_chunks = -(-v // self.embed_chunk)
-        self.embed = DecodeMatvecPlan(self.embed_chunk, d, he_params)
         self.qkv = DecodeMatvecPlan(d, 3 * d, he_params)
         self.attn_out = DecodeMatvecPlan(d, d, he_params)
         self.fc_in = DecodeMatvecPlan(d, 4 * d, he_params)
