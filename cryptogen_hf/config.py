@@ -30,6 +30,7 @@ class FixedPointSettings:
 @dataclass
 class MPCSettings:
     dealer: str = "ttp"
+    reveal: str = "logits"
 
 
 @dataclass
@@ -49,6 +50,8 @@ class CryptoGenConfig:
     def validate(self) -> "CryptoGenConfig":
         if self.mpc.dealer not in ("ttp", "client"):
             raise ConfigError(f"mpc.dealer must be 'ttp' or 'client', got {self.mpc.dealer!r}")
+        if self.mpc.reveal not in ("logits", "token"):
+            raise ConfigError(f"mpc.reveal must be 'logits' or 'token', got {self.mpc.reveal!r}")
         if not 0 < self.fixed_point.activation_bits <= 16:
             raise ConfigError(f"fixed_point.activation_bits must be in 1..16, got {self.fixed_point.activation_bits}")
         if not 0 < self.fixed_point.weight_bits <= 20:

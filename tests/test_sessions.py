@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, TimeoutSettings
+from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, TimeoutSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
 from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
@@ -60,6 +60,21 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
         secure = model.generate(ids, max_new_tokens=3, do_sample=False)
         plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
         assert secure.tolist() == plain.tolist()
+    finally:
+        model.close()
+
+
+def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):
+    _, port = server
+    settings = CryptoGenConfig(mpc=MPCSettings(reveal="token"))
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}", settings=settings)
+    try:
+        ids = torch.tensor([[7, 8, 9]])
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
+        assert out.sequences.tolist() == plain.tolist()
+        # The client saw one finite entry per step: the token, no logits.
+        assert all(int(torch.isfinite(step).sum()) == 1 for step in out.logits)
     finally:
         model.close()
 

@@ -356,13 +356,28 @@ class SecureGPT2:
         return h + self._linear(m, "fc_out", layer)
 
     # --------------------------------------------------------------- reveal
-    def reveal_to_client(self, x) -> torch.Tensor | None:
-        """Open shares to the client only, decoded exactly in float64.
+    def reveal_to_client(self, logits, what: str = "logits") -> torch.Tensor | None:
+        """Open the logits shares (keep x vocab) to the client only; None at the server.
 
+        what="logits": the float64 logits, decoded exactly from the ring
         (CrypTen's get_plain_text decodes negative values with an off-by-one
-        in the divisor and through float32; logits need better than that.)
+        in the divisor and through float32; logits need better than that).
+        what="token": an argmax inside MPC opens only the index; the row is 0
+        there and -inf elsewhere, so greedy decoding works unchanged.
         """
-        ring = x._tensor.reveal(dst=rank_of(CLIENT))
-        if self.party.is_server:
-            return None
-        return ring.double() / 2.0**CRYPTEN_FRAC_BITS
+        client = rank_of(CLIENT)
+        if what == "logits":
+            ring = logits._tensor.reveal(dst=client)
+            if self.party.is_server:
+                return None
+            return ring.double().reshape(-1, self.shape.vocab_size) / 2.0**CRYPTEN_FRAC_BITS
+        if what != "token":
+            raise ValueError(f"unknown reveal mode {what!r}")
+        rows = []
+        for i in range(logits.size(0)):
+            index = ops.argmax_reveal(logits[i], dst=client)
+            if self.party.is_client:
+                row = torch.full((self.shape.vocab_size,), float("-inf"), dtype=torch.float64)
+                row[index] = 0.0
+                rows.append(row)
+        return torch.stack(rows) if rows else None

@@ -61,6 +61,7 @@ def _hello(config: CryptoGenConfig) -> dict:
         "he_params": config.he.__dict__,
         "fixed_point": config.fixed_point.__dict__,
         "dealer": config.mpc.dealer,
+        "reveal": config.mpc.reveal,
     }
 
 
@@ -77,6 +78,11 @@ def check_hello(theirs: dict, ours: dict) -> None:
             if key == "he_fingerprint":
                 detail = f"client {theirs.get('he_params')}, server {ours.get('he_params')}"
             raise HandshakeError(f"{what} mismatch: {detail}")
+    # The server's reveal setting is the most it will open; a client may ask for less.
+    if ours.get("reveal") == "token" and theirs.get("reveal") != "token":
+        raise HandshakeError("output reveal policy mismatch: the server opens only tokens (mpc.reveal: token), the client asked for logits")
+    if theirs.get("reveal") not in ("logits", "token"):
+        raise HandshakeError(f"unknown reveal mode {theirs.get('reveal')!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
             if op == "forward":
                 logits = runner.step(None, request["logits_for"])
                 if logits is not None:
-                    runner.reveal_to_client(logits)
+                    runner.reveal_to_client(logits, hello["reveal"])
             elif op == "reset":
                 runner.reset()
             elif op == "stats":
@@ -192,7 +198,8 @@ class ClientSession:
         """Run ``token_ids`` through the secure model in one pass.
 
         Returns float64 logits (n_flagged x vocab) for the flagged positions (a
-        suffix), or None if none is flagged.
+        suffix), or None if none is flagged. With ``mpc.reveal: token`` only the
+        argmax is opened: the row is 0 at that token and -inf elsewhere.
         """
         if len(token_ids) != len(logits_for):
             raise ValueError("token_ids and logits_for differ in length")
@@ -210,7 +217,7 @@ class ClientSession:
             logits = self.runner.step([int(t) for t in token_ids], flags)
             if logits is None:
                 return None
-            return self.runner.reveal_to_client(logits).reshape(sum(flags), self.shape.vocab_size)
+            return self.runner.reveal_to_client(logits, self.config.mpc.reveal)
         except Exception as exc:
             # A gloo error from a dead or silent server becomes a PeerError naming it.
             raise runtime.translate_peer_error(exc) from exc
