@@ -34,36 +34,25 @@ import math
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from .diagonal import Region, WindowLayout, fold, fold_rotations, fold_steps
+from .diagonal import Region, WindowLayout, baby_giant_sum, fold, fold_rotations, fold_steps
 
 
 def _apply_encrypted_diagonals(he, lay: WindowLayout, diag_cts, ct_in):
     """z = sum_k rot(u, k) * D_k with encrypted (pre-rotated) diagonals, then fold."""
     ev = he.evaluator
     baby = [ct_in if b == 0 else he.rotate_rows(ct_in, b) for b in range(lay.n1)]
-    total = None
-    for g in range(lay.n2):
-        acc = None
-        for b in range(lay.n1):
-            d = diag_cts[g][b]
-            if d is None:
-                continue
-            prod = sealapi.Ciphertext()
-            ev.multiply(baby[b], d, prod)
-            if acc is None:
-                acc = prod
-            else:
-                ev.add_inplace(acc, prod)
-        if acc is None:
-            continue
+
+    def multiply(ct, diag_ct):
+        prod = sealapi.Ciphertext()
+        ev.multiply(ct, diag_ct, prod)
+        return prod
+
+    def relinearize(acc):
         # one relinearization per giant step (rotation needs a size-2 ciphertext)
         ev.relinearize_inplace(acc, he.relin_keys)
-        if g:
-            acc = he.rotate_rows(acc, g * lay.n1)
-        if total is None:
-            total = acc
-        else:
-            ev.add_inplace(total, acc)
+        return acc
+
+    total = baby_giant_sum(he, baby, lay.n1, lay.n2, lambda g, b: diag_cts[g][b], multiply, relinearize)
     return fold(he, total, lay.c, lay.K)
 
 

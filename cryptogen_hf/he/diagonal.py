@@ -177,6 +177,40 @@ def fold(he, z, c: int, stride: int):
     return s
 
 
+def baby_giant_sum(he, baby, n1: int, n2: int, diagonal, multiply, finish_giant):
+    """sum over giant steps g of rot(sum_b baby[b] * diagonal(g, b), g * n1).
+
+    The loop both BSGS kernels share (plaintext weight diagonals in matvec,
+    encrypted diagonals in attention). ``diagonal(g, b)`` returns the operand
+    or None for an all-zero diagonal (skipped); ``multiply(ct, operand)``
+    returns the product; ``finish_giant(acc)`` readies a giant-step sum for
+    its rotation (leave NTT form, or relinearize).
+    """
+    ev = he.evaluator
+    total = None
+    for g in range(n2):
+        acc = None
+        for b in range(n1):
+            operand = diagonal(g, b)
+            if operand is None:
+                continue
+            prod = multiply(baby[b], operand)
+            if acc is None:
+                acc = prod
+            else:
+                ev.add_inplace(acc, prod)
+        if acc is None:
+            continue
+        acc = finish_giant(acc)
+        if g:
+            acc = he.rotate_rows(acc, g * n1)
+        if total is None:
+            total = acc
+        else:
+            ev.add_inplace(total, acc)
+    return total
+
+
 def _add(he, a, b):
     import tenseal.sealapi as sealapi
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from .diagonal import DEFAULT_COSTS, Region, WindowLayout, best_n1, bsgs_cost, fold, fold_rotations
+from .diagonal import DEFAULT_COSTS, Region, WindowLayout, baby_giant_sum, best_n1, bsgs_cost, fold, fold_rotations
 
 
 class DecodeMatvecPlan:
@@ -99,30 +99,18 @@ class DecodeMatvecPlan:
         for b in range(self.n1):
             r = ct if b == 0 else he.rotate_rows(ct, b)
             baby.append(he.to_ntt(r))
+        def multiply_plain(ct, pt):
+            prod = sealapi.Ciphertext()
+            ev.multiply_plain(ct, pt, prod)
+            return prod
+
+        def leave_ntt(acc):
+            ev.transform_from_ntt_inplace(acc)  # rotations need coefficient form
+            return acc
+
         outs = []
         for lay, pts in zip(self.tiles, weights):
-            total = None
-            for g in range(lay.n2):
-                acc = None
-                for b in range(self.n1):
-                    pt = pts[g][b]
-                    if pt is None:
-                        continue
-                    prod = sealapi.Ciphertext()
-                    ev.multiply_plain(baby[b], pt, prod)
-                    if acc is None:
-                        acc = prod
-                    else:
-                        ev.add_inplace(acc, prod)
-                if acc is None:
-                    continue
-                ev.transform_from_ntt_inplace(acc)
-                if g:
-                    acc = he.rotate_rows(acc, g * self.n1)
-                if total is None:
-                    total = acc
-                else:
-                    ev.add_inplace(total, acc)
+            total = baby_giant_sum(he, baby, self.n1, lay.n2, lambda g, b: pts[g][b], multiply_plain, leave_ntt)
             outs.append(fold(he, total, self.c, self.K))
         return outs
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import resource
 import secrets
 
 from ..config import CryptoGenConfig
@@ -130,6 +131,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                     "passes": runner.passes,
                     "tokens_processed": runner.tokens_processed,
                     "timings": dict(runner.timings),
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 }
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":
