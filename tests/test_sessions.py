@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, TimeoutSettings
-from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
+from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
 from cryptogen_hf.protocol.transport import TransportError
@@ -60,6 +60,24 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
         secure = model.generate(ids, max_new_tokens=3, do_sample=False)
         plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
         assert secure.tolist() == plain.tolist()
+    finally:
+        model.close()
+
+
+def test_cropped_cache_continues_like_the_cropped_text(server, tiny_checkpoint):
+    _, port = server
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    try:
+        cache = EncryptedCache(model)
+        out = model.generate(torch.tensor([[11, 12, 13]]), cache=cache, max_new_tokens=5, do_sample=False)
+        assert cache.get_seq_length() == 7
+        cache.crop(-3)  # keep 4 tokens: the last kept cache block is re-encrypted with slots zeroed
+        assert cache.get_seq_length() == 4 and model.session.stats()["tokens"] == 4
+        assert model.session.stats()["refreshed_blocks"] == model.config.n_layer
+        kept = torch.cat([out[:, :4], torch.tensor([[42]])], dim=1)
+        continued = model.generate(kept, cache=cache, max_new_tokens=3, do_sample=False)
+        assert continued.tolist() == plain.generate(kept, max_new_tokens=3, do_sample=False).tolist()
     finally:
         model.close()
 

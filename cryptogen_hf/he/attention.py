@@ -271,6 +271,30 @@ class InnerKVCache:
         b = self.model.after_mul_plain(self.model.fresh if b_in is None else b_in)
         self._add_to_block(he, ks, vs, b)
 
+    def token_slots(self, t: int) -> np.ndarray:
+        """Slot indices holding token t's d features in its block's ciphertext."""
+        o = self.slot_offset(t)
+        return np.arange(o, o + self.d)
+
+    def blocks_needing_refresh(self, margin_bits: float = 20.0) -> list[int]:
+        """Blocks whose estimated budget would fall below ``margin_bits`` in the next attention kernels."""
+        weak = []
+        for i, b in enumerate(self.est_budget):
+            after = min(self._kernel_budget(b, "scores"), self._kernel_budget(b, "values"))
+            if after < margin_bits:
+                weak.append(i)
+        return weak
+
+    def truncate(self, n_tokens: int):
+        """Forget tokens >= n_tokens: drop whole blocks past them (the caller has
+        already zeroed the dropped tokens' slots of the last kept block)."""
+        if not 0 <= n_tokens <= self.n_tokens:
+            raise ValueError(f"cannot truncate a cache of {self.n_tokens} tokens to {n_tokens}")
+        keep_blocks = -(-n_tokens // self.B)
+        for lst in (self.k_cts, self.v_cts, self.est_budget, self._worst_add, self._n_addends):
+            del lst[keep_blocks:]
+        self.n_tokens = n_tokens
+
     def replace_block(self, i: int, k_ct, v_ct):
         """After a client-side refresh (mask, decrypt, re-encrypt, unmask)."""
         self.k_cts[i], self.v_cts[i] = k_ct, v_ct
@@ -313,8 +337,11 @@ class InnerKVCache:
         return acc
 
     def estimate_budget(self, which: str = "scores") -> float:
+        return self._kernel_budget(min(self.est_budget), which)
+
+    def _kernel_budget(self, block_budget: float, which: str) -> float:
         m = self.model
-        b = m.after_mul(m.fresh, min(self.est_budget))
+        b = m.after_mul(m.fresh, block_budget)
         if which == "scores":
             b = m.after_relin(b)
             return m.after_rotate(b, fold_rotations(self.dh)) - math.log2(self.dh)

@@ -102,9 +102,20 @@ class EncryptedCache(Cache):
             layer.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "cropping the encrypted cache is not supported yet; call reset() and generate from the full text"
-        )
+        """Remove the last ``-tokens_to_remove`` tokens (HF's convention: a negative count).
+
+        The server drops whole ciphertext blocks and re-encrypts the last kept
+        block through a masked round trip with the removed slots zeroed;
+        nothing is decrypted in the clear.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0:
+            return
+        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+        self.session.crop(keep)
+        for layer in self.layers:
+            layer.seq_length = keep
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("beam search is not supported by the encrypted cache (batch size 1 only)")

@@ -28,6 +28,7 @@ conversion rescales to CrypTen's 16.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from ..mpc import ops
 from ..mpc.runtime import CLIENT, rank_of
 from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
 from .layouts import AttentionOutput, MatvecIO, ProbsIntoCache, QKVIntoCache, ScoresFromCache
+from .randomness import uniform_mod
 from .wire import pack_blobs, unpack_blobs
 
 PROTOCOL_VERSION = "cryptogen-gpt2-decode/1"
@@ -199,6 +201,7 @@ class SecureGPT2:
         # caller check that a continued conversation did not recompute old tokens.
         self.passes = 0
         self.tokens_processed = 0
+        self.refreshed_blocks = 0  # cache blocks sent through the masked round trip
         self.reset()
 
     @contextmanager
@@ -242,6 +245,9 @@ class SecureGPT2:
             raise ValueError(f"{t0} + {T} tokens do not fit the model's context of {self.shape.n_positions}")
         if self.party.is_client and len(token_ids) != T:
             raise ValueError("one flag per token is needed")
+        if t0:
+            with self._timed("refresh"):
+                self._refresh_weak_blocks()
         with self._timed("embedding"):
             h = self._embed(token_ids, t0, T)
         for layer in range(self.shape.n_layer):
@@ -354,6 +360,87 @@ class SecureGPT2:
         with self._timed("gelu"):
             m = ops.gelu(m)
         return h + self._linear(m, "fc_out", layer)
+
+    # ------------------------------------------------------- refresh and crop
+    def _refresh_weak_blocks(self):
+        """Lazy noise refresh: the server names the cache blocks whose estimated
+        budget would not survive the next attention kernels (a small message
+        every pass, usually an empty list) and both run the masked round trip."""
+        party = self.party
+        if party.is_server:
+            plan = [(layer, b) for layer, cache in enumerate(self.caches) for b in cache.blocks_needing_refresh()]
+            party.channel.send("step.refresh_plan", json.dumps(plan).encode())
+        else:
+            plan = [tuple(x) for x in json.loads(party.channel.recv_payload("step.refresh_plan"))]
+        if plan:
+            self._masked_round_trip(plan)
+
+    def _dropped_slots(self, block: int, keep_tokens: int | None) -> np.ndarray:
+        layout = self.plans.cache_layout
+        if keep_tokens is None:
+            return np.zeros(0, dtype=np.int64)
+        first = max(keep_tokens, block * layout.B)
+        tokens = range(first, (block + 1) * layout.B)
+        return np.concatenate([layout.token_slots(t) for t in tokens]) if len(tokens) else np.zeros(0, dtype=np.int64)
+
+    def _masked_round_trip(self, blocks: list[tuple[int, int]], keep_tokens: int | None = None):
+        """Re-encrypt cache blocks (layer, block) fresh without revealing them.
+
+        The server adds an independent uniform mask in Z_p to every slot of each
+        K and V ciphertext; the client decrypts (it sees uniform values only)
+        and encrypts the result anew; the server subtracts its mask. The block's
+        noise is back to that of a fresh encryption. Slots of tokens >=
+        ``keep_tokens`` come back as zeros: that is how the cache is cropped.
+        """
+        party = self.party
+        he = party.he
+        if party.is_server:
+            masks, blobs = [], []
+            for layer, b in blocks:
+                cache = self.caches[layer]
+                for ct in (cache.k_cts[b], cache.v_cts[b]):
+                    r = uniform_mod(he.p, he.slot_count)
+                    masks.append(r)
+                    blobs.append(he.serialize_ct(he.add_plain(ct, r)))
+            party.channel.send("refresh.masked", pack_blobs(blobs))
+            fresh = unpack_blobs(party.channel.recv_payload("refresh.fresh"))
+            if len(fresh) != len(blobs):
+                raise ValueError(f"client returned {len(fresh)} refreshed ciphertexts, expected {len(blobs)}")
+            for i, (layer, b) in enumerate(blocks):
+                drop = self._dropped_slots(b, keep_tokens)
+                k_mask, v_mask = masks[2 * i].copy(), masks[2 * i + 1].copy()
+                k_mask[drop] = 0
+                v_mask[drop] = 0
+                k = he.sub_plain(he.load_ct(fresh[2 * i]), k_mask)
+                v = he.sub_plain(he.load_ct(fresh[2 * i + 1]), v_mask)
+                self.caches[layer].replace_block(b, k, v)
+        else:
+            blobs = unpack_blobs(party.channel.recv_payload("refresh.masked"))
+            out = []
+            for i, blob in enumerate(blobs):
+                slots = he.decrypt(he.load_ct(blob))
+                slots[self._dropped_slots(blocks[i // 2][1], keep_tokens)] = 0
+                out.append(he.serialize_ct(he.encrypt(slots)))
+            party.channel.send("refresh.fresh", pack_blobs(out))
+        self.refreshed_blocks += len(blocks)
+
+    def crop(self, n_tokens: int):
+        """Keep the first ``n_tokens`` tokens of the cache, without decrypting it.
+
+        Whole blocks past them are dropped; the last kept block, if partly
+        cropped, goes through the masked round trip with the cropped slots zeroed.
+        """
+        if not 0 <= n_tokens <= self.n_tokens:
+            raise ValueError(f"cannot crop a cache of {self.n_tokens} tokens to {n_tokens}")
+        if n_tokens == self.n_tokens:
+            return
+        if n_tokens % self.plans.cache_layout.B:
+            block = n_tokens // self.plans.cache_layout.B
+            self._masked_round_trip([(layer, block) for layer in range(self.shape.n_layer)], keep_tokens=n_tokens)
+        if self.party.is_server:
+            for cache in self.caches:
+                cache.truncate(n_tokens)
+        self.n_tokens = n_tokens
 
     # --------------------------------------------------------------- reveal
     def reveal_to_client(self, logits, what: str = "logits") -> torch.Tensor | None:

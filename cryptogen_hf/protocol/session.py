@@ -124,12 +124,15 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                     runner.reveal_to_client(logits, hello["reveal"])
             elif op == "reset":
                 runner.reset()
+            elif op == "crop":
+                runner.crop(int(request["length"]))
             elif op == "stats":
                 stats = {
                     "tokens": runner.n_tokens,
                     "cache_bytes": runner.cache_nbytes(),
                     "passes": runner.passes,
                     "tokens_processed": runner.tokens_processed,
+                    "refreshed_blocks": runner.refreshed_blocks,
                     "timings": dict(runner.timings),
                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 }
@@ -231,6 +234,13 @@ class ClientSession:
     def reset(self):
         self._request(op="reset")
         self.runner.reset()
+
+    def crop(self, n_tokens: int):
+        """Keep the first n_tokens of the encrypted cache (nothing is decrypted)."""
+        if not 0 <= n_tokens <= self.runner.n_tokens:
+            raise ValueError(f"cannot crop a cache of {self.runner.n_tokens} tokens to {n_tokens}")
+        self._request(op="crop", length=int(n_tokens))
+        self.runner.crop(n_tokens)
 
     def stats(self) -> dict:
         """Token count, encrypted-cache bytes and the server's timings; nothing is decrypted."""
