@@ -115,6 +115,19 @@ def product_program(role):
     }
 
 
+def _time_peer_failure(x):
+    """Run one multiplication that the peer will not complete; report the error raised."""
+    from cryptogen_hf.mpc.runtime import translate_peer_error
+
+    t0 = time.monotonic()
+    try:
+        (x * x).get_plain_text()
+    except Exception as exc:  # noqa: BLE001
+        err = translate_peer_error(exc)
+        return {"elapsed": time.monotonic() - t0, "type": type(err).__name__, "msg": str(err)}
+    return {"elapsed": time.monotonic() - t0, "type": None, "msg": "no error"}
+
+
 def dying_client_program(role):
     from cryptogen_hf.crypten_compat import import_crypten
 
@@ -123,15 +136,7 @@ def dying_client_program(role):
     (x * x).get_plain_text()  # both alive so far
     if role == "client":
         os._exit(7)  # the client process dies mid-protocol
-    t0 = time.monotonic()
-    try:
-        (x * x).get_plain_text()
-    except Exception as exc:  # noqa: BLE001
-        from cryptogen_hf.mpc.runtime import translate_peer_error
-
-        err = translate_peer_error(exc)
-        return {"elapsed": time.monotonic() - t0, "type": type(err).__name__, "msg": str(err)}
-    return {"elapsed": time.monotonic() - t0, "type": None, "msg": "no error"}
+    return _time_peer_failure(x)
 
 
 def hanging_client_program(role):
@@ -142,15 +147,7 @@ def hanging_client_program(role):
     if role == "client":
         time.sleep(8)  # alive but silent, longer than the 3 s timeout
         return None
-    t0 = time.monotonic()
-    try:
-        (x * x).get_plain_text()
-    except Exception as exc:  # noqa: BLE001
-        from cryptogen_hf.mpc.runtime import translate_peer_error
-
-        err = translate_peer_error(exc)
-        return {"elapsed": time.monotonic() - t0, "type": type(err).__name__, "msg": str(err)}
-    return {"elapsed": time.monotonic() - t0, "type": None, "msg": "no error"}
+    return _time_peer_failure(x)
 
 
 # --------------------------------------------------------------------------

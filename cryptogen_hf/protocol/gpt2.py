@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..crypten_compat import import_crypten
 from ..he import DecodeMatvecPlan, InnerKVCache
 from ..mpc import ops
 from ..mpc.runtime import CLIENT, rank_of
@@ -146,8 +145,7 @@ class EncodedGPT2:
         fp = fixed_point
         d = prepared.n_embd
         self.fixed_point = fp
-        steps = 1 + 4 * prepared.n_layer + 1
-        tick = progress or (lambda: None)
+        tick = progress or (lambda: None)  # called once per encoded matrix (progress bars)
 
         # Embedding: rows of wte, zero-padded to whole chunks.
         padded = torch.zeros(plans.embed_chunks * plans.embed_chunk, d, dtype=torch.float64)
@@ -176,7 +174,6 @@ class EncodedGPT2:
                 }
             )
         self.lm_head = linear(plans.lm_head, prepared.lm_head)
-        self.n_steps = steps
 
 
 class SecureGPT2:
@@ -193,7 +190,6 @@ class SecureGPT2:
         if party.is_client and encoded is not None:
             raise ValueError("the client must never hold the model's weights")
         self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
-        self.crypten = import_crypten()
         # Wall-clock seconds per protocol component (this party's view), for
         # the benchmarks' breakdown; reset with timings.clear().
         self.timings = defaultdict(float)
