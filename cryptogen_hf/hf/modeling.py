@@ -82,6 +82,9 @@ class EncryptedCache(Cache):
     def __init__(self, model: "CryptoGenForCausalLM"):
         super().__init__(layers=[EncryptedLayer() for _ in range(model.config.n_layer)])
         self.session = model.session
+        # The server keeps one cache per session: a new EncryptedCache starts a new conversation.
+        if self.session.n_tokens:
+            self.session.reset()
 
     # -- what the protocol reports -------------------------------------------
     def _advance(self, n_tokens: int) -> None:
@@ -265,9 +268,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache")
         if cache is None:
-            if self.session.n_tokens:
-                self.session.reset()  # a new generate() without a cache starts a new conversation
-            model_kwargs["cache"] = EncryptedCache(self)
+            model_kwargs["cache"] = EncryptedCache(self)  # a generate() without a cache starts a new conversation
         elif not isinstance(cache, EncryptedCache):
             raise TypeError(f"CryptoGenForCausalLM needs an EncryptedCache, got {type(cache).__name__}")
 
@@ -298,9 +299,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding (zeros in attention_mask) is not supported with batch size 1; remove the padding")
         if cache is None:
-            # A plain forward call: a fresh conversation, not kept.
-            self.session.reset()
-            cache = EncryptedCache(self)
+            cache = EncryptedCache(self)  # a plain forward call: a fresh conversation, not kept
         if cache.get_seq_length() != self.session.n_tokens:
             raise RuntimeError(
                 f"this EncryptedCache holds {cache.get_seq_length()} tokens but the server session has "
