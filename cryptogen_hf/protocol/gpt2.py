@@ -241,13 +241,23 @@ class SecureGPT2:
             raise ValueError(f"{t0} + {T} tokens do not fit the model's context of {self.shape.n_positions}")
         if self.party.is_client and len(token_ids) != T:
             raise ValueError("one flag per token is needed")
-        if t0:
-            with self._timed("refresh"):
-                self._refresh_weak_blocks()
-        with self._timed("embedding"):
-            h = self._embed(token_ids, t0, T)
-        for layer in range(self.shape.n_layer):
-            h = self._block(layer, h, t0, T)
+        # A pass over T tokens legitimately keeps the peer busy about T times
+        # longer between two messages (HE products are per token), so the
+        # receive timeout scales with T for this pass. A peer that dies is still
+        # reported at once: its connection closes.
+        channel = self.party.channel
+        base_timeout = channel.timeout_s
+        channel.timeout_s = base_timeout * (1 + T // 8)
+        try:
+            if t0:
+                with self._timed("refresh"):
+                    self._refresh_weak_blocks()
+            with self._timed("embedding"):
+                h = self._embed(token_ids, t0, T)
+            for layer in range(self.shape.n_layer):
+                h = self._block(layer, h, t0, T)
+        finally:
+            channel.timeout_s = base_timeout
         self.n_tokens += T
         self.passes += 1
         self.tokens_processed += T
