@@ -100,19 +100,19 @@ class OuterAttentionPlan:
         p = np.asarray(p, dtype=np.int64).reshape(self.H, self.T)
         return self.out_layout.pack_input({h: p[h] for h in range(self.H)})
 
-    def unpack_scores(self, slots) -> np.ndarray:
+    @staticmethod
+    def _gather(lay, slots, width: int, n_heads: int) -> np.ndarray:
+        """(heads x width) values from the output slots a WindowLayout assigned."""
         slots = np.asarray(slots).reshape(-1)
-        lay = self.scores_layout
-        s = np.zeros((self.H, self.T), dtype=slots.dtype)
-        s[lay.out_head, lay.out_index] = slots[lay.out_slot]
-        return s
+        out = np.zeros((n_heads, width), dtype=slots.dtype)
+        out[lay.out_head, lay.out_index] = slots[lay.out_slot]
+        return out
+
+    def unpack_scores(self, slots) -> np.ndarray:
+        return self._gather(self.scores_layout, slots, self.T, self.H)
 
     def unpack_out(self, slots) -> np.ndarray:
-        slots = np.asarray(slots).reshape(-1)
-        lay = self.out_layout
-        o = np.zeros((self.H, self.dh), dtype=slots.dtype)
-        o[lay.out_head, lay.out_index] = slots[lay.out_slot]
-        return o
+        return self._gather(self.out_layout, slots, self.dh, self.H)
 
     def galois_steps(self) -> set[int]:
         steps = set()
