@@ -12,7 +12,15 @@ import time
 import pytest
 import torch
 
-from cryptogen_hf.mpc.runtime import MPCConfig, MPCLaunchError, launch_local, rank_of
+from cryptogen_hf.mpc.runtime import (
+    MPCConfig,
+    MPCLaunchError,
+    PeerError,
+    is_peer_failure,
+    launch_local,
+    rank_of,
+    translate_peer_error,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -117,8 +125,6 @@ def product_program(role):
 
 def _time_peer_failure(x):
     """Run one multiplication that the peer will not complete; report the error raised."""
-    from cryptogen_hf.mpc.runtime import translate_peer_error
-
     t0 = time.monotonic()
     try:
         (x * x).get_plain_text()
@@ -279,3 +285,23 @@ def test_config_validation():
     with pytest.raises(ValueError):
         MPCConfig(dealer="server")
     assert rank_of("server") == 0 and rank_of("client") == 1 and rank_of("dealer") == 2
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Application timeout caused pair closure",  # what a silent peer gave on the CI machine
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:4242",
+        "Timed out waiting 3000ms for recv operation to complete",
+    ],
+)
+def test_gloo_failure_messages_become_peer_errors(message):
+    assert is_peer_failure(RuntimeError(message))
+    translated = translate_peer_error(RuntimeError(message))
+    assert isinstance(translated, PeerError) and message in str(translated)
+
+
+def test_other_errors_are_not_peer_errors():
+    error = RuntimeError("shape mismatch: (3, 4) vs (4, 3)")
+    assert not is_peer_failure(error)
+    assert translate_peer_error(error) is error

@@ -419,15 +419,19 @@ def current_role() -> str | None:
 # --------------------------------------------------------------------------
 # Peer failures -> PeerError naming the peer.
 # --------------------------------------------------------------------------
+# Lower-case fragments of the messages gloo and torch.distributed raise when a
+# peer dies or stays silent. Gloo's wording varies by code path and version
+# ("Connection closed by peer", "Timed out waiting ... for recv", "Application
+# timeout caused pair closure"), so match loosely and case-insensitively.
 _COMM_ERROR_MARKERS = (
     "gloo",
-    "Connection closed",
-    "Connection reset",
-    "Timed out",
+    "connection closed",
+    "connection reset",
     "timed out",
-    "Socket",
+    "timeout",
+    "pair closure",
     "socket",
-    "Broken pipe",
+    "broken pipe",
 )
 
 
@@ -437,7 +441,8 @@ def is_peer_failure(exc: BaseException) -> bool:
     dist_error = getattr(dist, "DistBackendError", None)
     if dist_error is not None and isinstance(exc, dist_error):
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _COMM_ERROR_MARKERS)
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in message for m in _COMM_ERROR_MARKERS)
 
 
 def _pid_alive(pid: int) -> bool:
