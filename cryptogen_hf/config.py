@@ -19,6 +19,10 @@ class ConfigError(ValueError):
 class HESettings:
     poly_modulus_degree: int = 8192
     plain_modulus_bits: int = 50
+    # Server only (not part of the handshake): bits taken off the client's
+    # calibrated fresh noise budget before the server decides which cache
+    # blocks to refresh. 0 trusts the calibration; more refreshes earlier.
+    noise_reserve_bits: float = 0.0
 
 
 @dataclass
@@ -34,6 +38,11 @@ class MPCSettings:
 
 
 @dataclass
+class CacheSettings:
+    prefill_layout: str = "auto"
+
+
+@dataclass
 class TimeoutSettings:
     peer_s: float = 120.0
     startup_s: float = 180.0
@@ -45,6 +54,7 @@ class CryptoGenConfig:
     he: HESettings = field(default_factory=HESettings)
     fixed_point: FixedPointSettings = field(default_factory=FixedPointSettings)
     mpc: MPCSettings = field(default_factory=MPCSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
 
     def validate(self) -> "CryptoGenConfig":
@@ -52,10 +62,14 @@ class CryptoGenConfig:
             raise ConfigError(f"mpc.dealer must be 'ttp' or 'client', got {self.mpc.dealer!r}")
         if self.mpc.reveal not in ("logits", "token"):
             raise ConfigError(f"mpc.reveal must be 'logits' or 'token', got {self.mpc.reveal!r}")
+        if self.cache.prefill_layout not in ("auto", "outer", "inner"):
+            raise ConfigError(f"cache.prefill_layout must be 'auto', 'outer' or 'inner', got {self.cache.prefill_layout!r}")
         if not 0 < self.fixed_point.activation_bits <= 16:
             raise ConfigError(f"fixed_point.activation_bits must be in 1..16, got {self.fixed_point.activation_bits}")
         if not 0 < self.fixed_point.weight_bits <= 20:
             raise ConfigError(f"fixed_point.weight_bits must be in 1..20, got {self.fixed_point.weight_bits}")
+        if self.he.noise_reserve_bits < 0:
+            raise ConfigError(f"he.noise_reserve_bits must be >= 0, got {self.he.noise_reserve_bits}")
         if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0:
             raise ConfigError("timeouts must be positive")
         return self
@@ -74,7 +88,7 @@ class CryptoGenConfig:
         for key, value in (data or {}).items():
             if key not in sections:
                 raise ConfigError(f"unknown config section {key!r} (known: {sorted(sections)})")
-            section_cls = {"he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings, "timeouts": TimeoutSettings}[key]
+            section_cls = {"he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings, "cache": CacheSettings, "timeouts": TimeoutSettings}[key]
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(value or {}) - known
             if unknown:

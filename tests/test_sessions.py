@@ -2,14 +2,12 @@
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, TimeoutSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
@@ -17,33 +15,6 @@ from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
 from cryptogen_hf.protocol.transport import TransportError
 from cryptogen_hf.server.weights import UnsupportedArchitectureError
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).eval().save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
-def server(tiny_checkpoint):
-    """`cryptogen serve` in its own process group (so a test can kill it and its session workers)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(tiny_checkpoint), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("CRYPTOGEN_LISTENING"), line
-    port = int(line.rsplit(":", 1)[1])
-    yield proc, port
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(server, tiny_checkpoint):

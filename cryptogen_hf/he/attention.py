@@ -71,7 +71,7 @@ class OuterAttentionPlan:
                 f"use at most {self._max_T(n_heads, d_head, R)} tokens per outer tile"
             )
         regions = [Region(h // per_row, (h % per_row) * L, L, h) for h in range(n_heads)]
-        n1 = n1 or max(1, 2 ** round(math.log2(math.sqrt(d_head))))
+        n1 = n1 or self.default_n1(d_head)
         self.scores_layout = WindowLayout(self.n_slots, R, d_head, 1, d_head, n1, regions)
         self.scores_layout.assign_outputs({h: list(range(T)) for h in range(n_heads)})
         self.out_layout = WindowLayout(self.n_slots, R, T, self.c_out, d_head, n1, regions)
@@ -82,6 +82,29 @@ class OuterAttentionPlan:
         per_row = -(-H // 2)
         return ((R // per_row - dh + 1) // dh) * dh
 
+    @classmethod
+    def max_tokens(cls, n_heads: int, d_head: int, params) -> int:
+        """The most tokens one outer tile holds (all heads in the two rows)."""
+        return max(0, cls._max_T(n_heads, d_head, params.row_size))
+
+    @staticmethod
+    def default_n1(d_head: int) -> int:
+        return max(1, 2 ** round(math.log2(math.sqrt(d_head))))
+
+    @classmethod
+    def galois_steps_up_to(cls, n_heads: int, d_head: int, max_T: int, params) -> set[int]:
+        """Rotation steps of every plan with T <= max_T (the keys are made before T is known).
+
+        Baby and giant steps depend on d_head only; the output fold on
+        ceil(T / d_head), so the union over T is small (a few multiples of d_head).
+        """
+        n1 = cls.default_n1(d_head)
+        n2 = -(-d_head // n1)
+        steps = set(range(1, n1)) | {g * n1 for g in range(1, n2)}
+        for c_out in range(1, -(-max_T // d_head) + 1):
+            steps |= set(fold_steps(c_out, d_head))
+        return steps
+
     # -- client side -----------------------------------------------------------
     def pack_keys(self, K) -> tuple[np.ndarray, np.ndarray]:
         """K: (T, H, d_head) ints -> (diagonal slot arrays (n2, n1, N), nonzero mask)."""
@@ -91,6 +114,14 @@ class OuterAttentionPlan:
     def pack_values(self, V):
         V = np.asarray(V, dtype=np.int64)
         return self.out_layout.diagonals(lambda h, j, t: V[t, h, j])
+
+    def key_value_nonzero(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which (giant, baby) diagonals of K and of V can be nonzero: a property of
+        the shape alone, so both parties agree on which ciphertexts are sent."""
+        if not hasattr(self, "_nonzero"):
+            ones = lambda h, o, i: np.ones(len(h), dtype=np.int64)  # noqa: E731
+            self._nonzero = (self.scores_layout.diagonals(ones)[1], self.out_layout.diagonals(ones)[1])
+        return self._nonzero
 
     def pack_query(self, q) -> np.ndarray:
         q = np.asarray(q, dtype=np.int64).reshape(self.H, self.dh)
@@ -228,8 +259,7 @@ class InnerKVCache:
 
     def galois_steps(self) -> set[int]:
         steps = set(fold_steps(self.dh, 1)) | set(fold_steps(self.Bh, self.d))
-        if self.Bh > 1 or True:
-            steps.add(0)  # column rotation: add the two rows
+        steps.add(0)  # column rotation: add the two rows
         return steps
 
     # -- appends (server) ---------------------------------------------------------
@@ -270,6 +300,17 @@ class InnerKVCache:
         he.evaluator.multiply_plain(v_ct, pt, vs)
         b = self.model.after_mul_plain(self.model.fresh if b_in is None else b_in)
         self._add_to_block(he, ks, vs, b)
+
+    def load_blocks(self, k_cts: list, v_cts: list, n_tokens: int):
+        """Take whole blocks of fresh client ciphertexts (B tokens each, the last
+        one possibly partial) as the cache's content (benchmark set-up)."""
+        if self.n_tokens or len(k_cts) != -(-n_tokens // self.B) or len(v_cts) != len(k_cts):
+            raise ValueError(f"{len(k_cts)} blocks cannot hold {n_tokens} tokens in an empty cache")
+        self.k_cts, self.v_cts = list(k_cts), list(v_cts)
+        self._n_addends = [1] * len(k_cts)
+        self._worst_add = [self.model.fresh] * len(k_cts)
+        self.est_budget = list(self._worst_add)
+        self.n_tokens = n_tokens
 
     def token_slots(self, t: int) -> np.ndarray:
         """Slot indices holding token t's d features in its block's ciphertext."""

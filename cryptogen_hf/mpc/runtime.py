@@ -279,6 +279,7 @@ def _select_provider(config: MPCConfig) -> None:
 def _timed_communicator_class():
     import_crypten()
     from crypten.communicator import DistributedCommunicator
+    from crypten.communicator.communicator import _logging
 
     class _TimedCommunicator(DistributedCommunicator):
         """CrypTen's DistributedCommunicator, built with explicit arguments and
@@ -309,6 +310,36 @@ def _timed_communicator_class():
                 self.ttp_comm_group = dist.new_group([0, total - 1], timeout=timeout)
             self.main_group = dist.new_group(list(range(world_size)), timeout=timeout)
             self.ttp_initialized = init_ttp
+
+        @_logging
+        def reduce(self, input, dst, op=dist.ReduceOp.SUM, batched=False):
+            """Open shares to ``dst`` only, with point-to-point messages.
+
+            CrypTen reveals a value to one party (``reveal(dst=...)``) with
+            ``torch.distributed.reduce``, and gloo's reduce is a reduce-scatter
+            followed by a gather: the ranks that are not the root receive the
+            other's share of part of the tensor, and hold the opened values in
+            their buffer afterwards (half of a long tensor, all of one with one
+            or two elements). The server would see half of every logits row and
+            every token opened in ``reveal: token`` mode. Here the other ranks
+            only send their share; the root alone receives and combines.
+            """
+            if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
+                raise ValueError(f"reduce to one party supports SUM and BXOR, not {op}")
+            tensors = list(input) if batched else [input]
+            if self.get_rank() != dst:
+                for t in tensors:
+                    dist.send(t.data.contiguous(), dst, group=self.main_group)
+                return None
+            combine = torch.add if op == dist.ReduceOp.SUM else torch.bitwise_xor
+            results = [t.clone() for t in tensors]
+            for src in range(self.world_size):
+                if src != dst:
+                    for i, mine in enumerate(results):
+                        theirs = torch.empty_like(mine)
+                        dist.recv(theirs, src, group=self.main_group)
+                        results[i] = combine(mine, theirs)
+            return results if batched else results[0]
 
     return _TimedCommunicator
 

@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..he import DecodeMatvecPlan, InnerKVCache
+from ..he import DecodeMatvecPlan, InnerKVCache, OuterAttentionPlan, OuterKVCache
+from ..he.diagonal import DEFAULT_COSTS, fold_rotations
 from ..mpc import ops
 from ..mpc.runtime import CLIENT, rank_of
 from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
-from .layouts import AttentionOutput, MatvecIO, ProbsIntoCache, QKVIntoCache, ScoresFromCache
+from .layouts import AttentionOutput, MatvecIO, OuterPart, ProbsIntoCache, QKVIntoCache, ScoresFromCache
 from .randomness import uniform_mod
 from .wire import pack_blobs, unpack_blobs
 
@@ -131,6 +132,70 @@ class GPT2Plans:
         return sorted(steps)
 
 
+PREFILL_LAYOUTS = ("auto", "outer", "inner")
+
+
+class PrefillLayoutPolicy:
+    """Where the prompt of a conversation's first pass is kept in the encrypted cache.
+
+    DESIGN section 5: prompt tokens "outer" (per head, K and V as d_head
+    diagonal ciphertexts: a decode query costs d_head ct x ct products
+    whatever the prompt length), generated tokens "inner" (B tokens per
+    ciphertext: a query costs one product per block, linear in the context).
+    Which is cheaper depends on the shape: for GPT-2 base (B = 10, d_head =
+    64) the outer part wins past ~300 prompt tokens; for the shipped model
+    (B = 42, d_head = 48) never within its 512-token context. So:
+
+      inner - every token inner;
+      outer - a first pass of >= 2 tokens (up to what one outer tile holds) goes outer;
+      auto  - outer when the estimated decode-step attention cost is lower.
+
+    Both parties build this from public values (shape, HE parameters, the
+    client's choice sent in the handshake) and decide identically.
+    """
+
+    def __init__(self, shape: ModelShape, he_params, mode: str = "auto", costs: dict | None = None):
+        if mode not in PREFILL_LAYOUTS:
+            raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {mode!r}")
+        self.shape, self.params, self.mode = shape, he_params, mode
+        self.costs = costs or DEFAULT_COSTS
+        self.inner = InnerKVCache(shape.n_head, shape.head_dim, he_params)
+        self.max_outer = min(shape.n_positions, OuterAttentionPlan.max_tokens(shape.n_head, shape.head_dim, he_params))
+
+    def inner_seconds(self, n_tokens: int) -> float:
+        """Estimated q K^T + p V time of one decode query over n inner tokens."""
+        t, layout = self.costs, self.inner
+        blocks = -(-n_tokens // layout.B)
+        per_block = 2 * t["mul_ct"] + t["relin"] + fold_rotations(layout.dh) * t["rot"]
+        return blocks * per_block + t["relin"] + (fold_rotations(layout.Bh) + 1) * t["rot"]
+
+    def outer_seconds(self, n_tokens: int) -> float:
+        """The same over an outer tile of n tokens: two diagonal products."""
+        t, dh = self.costs, self.shape.head_dim
+        n1 = OuterAttentionPlan.default_n1(dh)
+        n2 = -(-dh // n1)
+        product = dh * t["mul_ct"] + n2 * t["relin"] + (n1 + n2 - 2) * t["rot"]
+        return 2 * product + fold_rotations(-(-n_tokens // dh)) * t["rot"]
+
+    def use_outer(self, n_tokens: int) -> bool:
+        """Store a first pass of n tokens outer?"""
+        if self.mode == "inner" or not 2 <= n_tokens <= self.max_outer:
+            return False
+        return self.mode == "outer" or self.outer_seconds(n_tokens) < self.inner_seconds(n_tokens)
+
+    def may_use_outer(self) -> bool:
+        return any(self.use_outer(n) for n in range(2, self.max_outer + 1))
+
+    def plan(self, n_tokens: int) -> OuterAttentionPlan:
+        return OuterAttentionPlan(self.shape.n_head, self.shape.head_dim, n_tokens, self.params)
+
+    def galois_steps(self) -> set[int]:
+        """Rotation keys the outer part may need (none if it is never used)."""
+        if not self.may_use_outer():
+            return set()
+        return OuterAttentionPlan.galois_steps_up_to(self.shape.n_head, self.shape.head_dim, self.max_outer, self.params)
+
+
 @dataclass
 class EncodedLinear:
     plan: DecodeMatvecPlan
@@ -179,17 +244,30 @@ class EncodedGPT2:
 class SecureGPT2:
     """One party's side of the secure decode protocol for a GPT-2 model.
 
-    Server: ``encoded`` is an EncodedGPT2 and ``caches`` holds one
-    InnerKVCache per layer (the ciphertexts). Client: ``encoded`` is None and
-    only the token count is tracked.
+    The encrypted cache of each layer has two parts (DESIGN section 5): the
+    prompt of the first pass, kept in the outer layout when ``policy`` says
+    so (``outer``: the shape-only OuterPart both parties track), and every
+    later token in the inner layout. Server: ``encoded`` is an EncodedGPT2,
+    ``caches`` holds one InnerKVCache per layer and ``outer_caches`` one
+    OuterKVCache per layer (or None). Client: ``encoded`` is None and only
+    token counts are tracked.
     """
 
-    def __init__(self, party, shape: ModelShape, plans: GPT2Plans, fixed_point: FixedPoint, encoded: EncodedGPT2 | None = None):
+    def __init__(
+        self,
+        party,
+        shape: ModelShape,
+        plans: GPT2Plans,
+        fixed_point: FixedPoint,
+        encoded: EncodedGPT2 | None = None,
+        policy: PrefillLayoutPolicy | None = None,
+    ):
         if party.is_server and encoded is None:
             raise ValueError("the server side needs the encoded model")
         if party.is_client and encoded is not None:
             raise ValueError("the client must never hold the model's weights")
         self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
+        self.policy = policy or PrefillLayoutPolicy(shape, party.he.params)
         # Wall-clock seconds per protocol component (this party's view), for
         # the benchmarks' breakdown; reset with timings.clear().
         self.timings = defaultdict(float)
@@ -211,14 +289,26 @@ class SecureGPT2:
     # ------------------------------------------------------------------ cache
     def reset(self):
         self.n_tokens = 0
+        self.outer = None  # OuterPart of the prompt when it is stored outer
         if self.party.is_server:
-            he = self.party.he
-            self.caches = [InnerKVCache(self.shape.n_head, self.shape.head_dim, he.params, he.noise_model) for _ in range(self.shape.n_layer)]
+            self.caches = [self._empty_inner() for _ in range(self.shape.n_layer)]
+            self.outer_caches = [None] * self.shape.n_layer
         else:
-            self.caches = None
+            self.caches = self.outer_caches = None
+
+    def _empty_inner(self) -> InnerKVCache:
+        he = self.party.he
+        return InnerKVCache(self.shape.n_head, self.shape.head_dim, he.params, he.noise_model)
+
+    @property
+    def n_outer(self) -> int:
+        """Tokens in the outer part of the cache (the rest are inner)."""
+        return self.outer.n_tokens if self.outer is not None else 0
 
     def cache_nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches) if self.caches else 0
+        if not self.caches:
+            return 0
+        return sum(c.nbytes for c in self.caches) + sum(c.nbytes for c in self.outer_caches if c is not None)
 
     # ------------------------------------------------------------------ steps
     def step(self, token_ids, logits_for: list[bool]):
@@ -248,6 +338,8 @@ class SecureGPT2:
         channel = self.party.channel
         base_timeout = channel.timeout_s
         channel.timeout_s = base_timeout * (1 + T // 8)
+        # The first pass of a conversation may store its tokens in the outer layout.
+        store_outer = self.policy.plan(T) if t0 == 0 and self.policy.use_outer(T) else None
         try:
             if t0:
                 with self._timed("refresh"):
@@ -255,9 +347,11 @@ class SecureGPT2:
             with self._timed("embedding"):
                 h = self._embed(token_ids, t0, T)
             for layer in range(self.shape.n_layer):
-                h = self._block(layer, h, t0, T)
+                h = self._block(layer, h, t0, T, store_outer)
         finally:
             channel.timeout_s = base_timeout
+        if store_outer is not None:
+            self.outer = OuterPart(store_outer)
         self.n_tokens += T
         self.passes += 1
         self.tokens_processed += T
@@ -320,44 +414,69 @@ class SecureGPT2:
             y = he_to_shares(party, outs, io, bits, T * plan.d_out, server_addend=bias)
         return y.reshape(T, plan.d_out)
 
-    def _block(self, layer: int, h, t0: int, T: int):
+    def _block(self, layer: int, h, t0: int, T: int, store_outer: OuterAttentionPlan | None = None):
+        """One transformer block over T new tokens at positions t0..t0+T-1.
+
+        store_outer: in a conversation's first pass, the outer plan its tokens
+        are stored with. Their own attention runs against the inner layout
+        (one product per block per query is the cheap way for T queries);
+        then the inner blocks are dropped and K, V live on as diagonals.
+        """
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
         d, n_head = shape.n_embd, shape.n_head
         layout = self.plans.cache_layout
+        outer, n_outer = self.outer, self.n_outer
+        inner_t0, n_inner = t0 - n_outer, t0 + T - n_outer
         n_ctx = t0 + T
 
         with self._timed("layernorm"):
             x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
         qkv = self._linear(x, "qkv", layer)
 
-        # q, k, v re-encrypted fresh in the cache layout; k, v join the cache.
+        # q, k, v re-encrypted fresh in the cache layouts; k, v join the cache.
+        qkv_io = QKVIntoCache(layout, inner_t0, T, outer_query=outer.plan if outer else None, outer_store=store_outer)
         with self._timed("to_he"):
-            q_k_v = shares_to_he(party, qkv.reshape(-1), QKVIntoCache(layout, t0, T), fa)
+            cts = shares_to_he(party, qkv.reshape(-1), qkv_io, fa)
         with self._timed("scores"):
             if party.is_server:
+                he, cts = party.he, qkv_io.split(cts)
                 cache = self.caches[layer]
-                for k_ct, v_ct in zip(q_k_v[T : 2 * T], q_k_v[2 * T :]):
-                    cache.append(party.he, k_ct, v_ct)
-                score_cts = [ct for q_ct in q_k_v[:T] for ct in cache.scores(party.he, q_ct)]
+                for k_ct, v_ct in zip(cts["k"], cts["v"]):
+                    cache.append(he, k_ct, v_ct)
+                score_cts = []
+                for i, q_ct in enumerate(cts["q"]):
+                    if outer is not None:
+                        score_cts.append(outer.plan.scores(he, self.outer_caches[layer], cts["q_outer"][i]))
+                    score_cts.extend(cache.scores(he, q_ct))
             else:
                 score_cts = None
         with self._timed("from_he"):
-            scores = he_to_shares(party, score_cts, ScoresFromCache(layout, n_ctx, T), 2 * fa, T * n_head * n_ctx)
+            scores_io = ScoresFromCache(layout, n_inner, T, outer)
+            scores = he_to_shares(party, score_cts, scores_io, 2 * fa, T * n_head * n_ctx)
         with self._timed("softmax"):
             # (heads, T, n_ctx): the public causal mask hides later tokens of the same pass.
             probs = ops.softmax(scores.reshape(T, n_head, n_ctx).permute(1, 0, 2), dim=-1, causal=T > 1)
             probs = probs.permute(1, 0, 2)
 
         with self._timed("to_he"):
-            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_ctx, T), CRYPTEN_FRAC_BITS)
+            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_inner, T, outer), CRYPTEN_FRAC_BITS)
         with self._timed("attn_values"):
             if party.is_server:
-                blocks = len(prob_cts) // T
-                out_cts = [self.caches[layer].attend(party.he, prob_cts[i * blocks : (i + 1) * blocks]) for i in range(T)]
+                per_row = len(prob_cts) // T
+                rows = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(T)]
+                out_cts = [self.caches[layer].attend(party.he, row[outer is not None :]) for row in rows]
+                if outer is not None:
+                    out_cts += [outer.plan.attend(party.he, self.outer_caches[layer], row[0]) for row in rows]
+                if store_outer is not None:
+                    fresh = party.he.noise_model.fresh
+                    self.outer_caches[layer] = OuterKVCache(store_outer, cts["k_diag"], cts["v_diag"], fresh)
+                    self.caches[layer] = self._empty_inner()
             else:
                 out_cts = None
         with self._timed("from_he"):
-            attn = he_to_shares(party, out_cts, AttentionOutput(layout, T), fa + CRYPTEN_FRAC_BITS, T * d).reshape(T, d)
+            out_io = AttentionOutput(layout, T, outer)
+            parts = he_to_shares(party, out_cts, out_io, fa + CRYPTEN_FRAC_BITS, out_io.parts * T * d)
+            attn = parts.reshape(out_io.parts, T, d).sum(dim=0)  # inner + outer contributions, free on shares
 
         h = h + self._linear(attn, "attn_out", layer)
         with self._timed("layernorm"):
@@ -366,6 +485,59 @@ class SecureGPT2:
         with self._timed("gelu"):
             m = ops.gelu(m)
         return h + self._linear(m, "fc_out", layer)
+
+    # ------------------------------------------------------------- benchmarks
+    def fill_for_benchmark(self, n_tokens: int, seed: int = 0):
+        """Fill an empty cache with n_tokens of random keys and values, laid out
+        as a first pass of n_tokens would be (outer or inner, per the policy).
+
+        A benchmark facility: timing a decode step at context 512 of a
+        GPT-2-base-wide model would otherwise need a prefill of hours on two
+        cores. The client encrypts random values under its own key (values of
+        the size real keys and values have); no model computation runs and
+        nothing about the model or a real input is exchanged.
+        """
+        if self.n_tokens:
+            raise ValueError("fill_for_benchmark needs an empty cache (reset() first)")
+        party, shape, he = self.party, self.shape, self.party.he
+        if not 1 <= n_tokens <= shape.n_positions:
+            raise ValueError(f"cannot fill {n_tokens} tokens into a context of {shape.n_positions}")
+        outer = self.policy.plan(n_tokens) if self.policy.use_outer(n_tokens) else None
+        layout = self.plans.cache_layout
+        if party.is_client:
+            rng = np.random.default_rng(seed)
+            scale = 4 << self.fp.activation_bits  # |k|, |v| up to ~4: GPT-2's typical range
+            blobs = []
+            for _ in range(shape.n_layer):
+                K, V = rng.integers(-scale, scale, size=(2, n_tokens, shape.n_head, shape.head_dim))
+                if outer is not None:
+                    (k_diag, _), (v_diag, _) = outer.pack_keys(K), outer.pack_values(V)
+                    k_nonzero, v_nonzero = outer.key_value_nonzero()
+                    slots = list(k_diag[k_nonzero]) + list(v_diag[v_nonzero])
+                else:
+                    slots = []
+                    for X in (K, V):
+                        blocks = np.zeros((-(-n_tokens // layout.B), he.slot_count), dtype=np.int64)
+                        for t in range(n_tokens):
+                            blocks[t // layout.B] += layout.pack_token(X[t].reshape(-1), t)
+                        slots.extend(blocks)
+                blobs.extend(he.serialize_ct(he.encrypt(v)) for v in slots)
+            party.channel.send("bench.fill", pack_blobs(blobs))
+        else:
+            blobs = unpack_blobs(party.channel.recv_payload("bench.fill"))
+            per_layer = len(blobs) // shape.n_layer
+            for layer in range(shape.n_layer):
+                cts = [he.load_ct(b) for b in blobs[layer * per_layer : (layer + 1) * per_layer]]
+                if outer is not None:
+                    io = QKVIntoCache(layout, 0, n_tokens, outer_store=outer)
+                    parts = io.split([None] * 3 * n_tokens + cts)
+                    self.outer_caches[layer] = OuterKVCache(outer, parts["k_diag"], parts["v_diag"], he.noise_model.fresh)
+                else:
+                    half = len(cts) // 2
+                    self.caches[layer].load_blocks(cts[:half], cts[half:], n_tokens)
+        if outer is not None:
+            self.outer = OuterPart(outer)
+        self.n_tokens = n_tokens
 
     # ------------------------------------------------------- refresh and crop
     def _refresh_weak_blocks(self):
@@ -433,19 +605,31 @@ class SecureGPT2:
     def crop(self, n_tokens: int):
         """Keep the first ``n_tokens`` tokens of the cache, without decrypting it.
 
-        Whole blocks past them are dropped; the last kept block, if partly
-        cropped, goes through the masked round trip with the cropped slots zeroed.
+        Inner part: whole blocks past them are dropped; the last kept block, if
+        partly cropped, goes through the masked round trip with the cropped
+        slots zeroed. Outer part (a prompt stored outer): its ciphertexts stay;
+        the tokens past the crop simply get no score and zero probability.
         """
         if not 0 <= n_tokens <= self.n_tokens:
             raise ValueError(f"cannot crop a cache of {self.n_tokens} tokens to {n_tokens}")
         if n_tokens == self.n_tokens:
             return
-        if n_tokens % self.plans.cache_layout.B:
-            block = n_tokens // self.plans.cache_layout.B
-            self._masked_round_trip([(layer, block) for layer in range(self.shape.n_layer)], keep_tokens=n_tokens)
-        if self.party.is_server:
-            for cache in self.caches:
-                cache.truncate(n_tokens)
+        if n_tokens == 0:
+            self.reset()
+            return
+        n_outer = self.n_outer
+        if n_tokens <= n_outer:
+            self.outer.n_tokens = n_tokens
+            if self.party.is_server:
+                self.caches = [self._empty_inner() for _ in range(self.shape.n_layer)]
+        else:
+            keep = n_tokens - n_outer  # inner tokens kept
+            B = self.plans.cache_layout.B
+            if keep % B:
+                self._masked_round_trip([(layer, keep // B) for layer in range(self.shape.n_layer)], keep_tokens=keep)
+            if self.party.is_server:
+                for cache in self.caches:
+                    cache.truncate(keep)
         self.n_tokens = n_tokens
 
     # --------------------------------------------------------------- reveal

@@ -56,60 +56,126 @@ class MatvecIO:
         return np.concatenate([self.plan.unpack_output(g) for g in groups])
 
 
-class QKVIntoCache:
-    """Fused q|k|v rows of tokens t0..t0+T-1 -> fresh ciphertexts for the inner cache.
+class OuterPart:
+    """The prompt tokens kept in the outer layout (``OuterAttentionPlan``) and how
+    many of them are still in use (a crop may shorten it without touching the
+    ciphertexts: the tokens past ``n_tokens`` get no score and zero probability)."""
 
-    Order: T query ciphertexts (q replicated at every token offset of a cache
-    block, so one ct x ct product scores a whole block), then T key and T
-    value ciphertexts (token t's features at its slot offset, zeros elsewhere,
-    ready to be added into the cache ciphertext).
+    def __init__(self, plan, n_tokens: int | None = None):
+        self.plan = plan
+        self.n_tokens = plan.T if n_tokens is None else n_tokens
+
+
+class QKVIntoCache:
+    """Fused q|k|v rows of T tokens -> fresh ciphertexts for the encrypted cache.
+
+    Order: T query ciphertexts for the inner part (q replicated at every token
+    offset of a block, so one ct x ct product scores a whole block), T key and
+    T value ciphertexts (token t's features at its inner slot offset, zeros
+    elsewhere, ready to be added into the block); then, optionally,
+      ``outer_query``: T query ciphertexts in the outer layout (decode steps
+        that score against a prompt stored outer);
+      ``outer_store``: the nonzero K diagonals then V diagonals of these T
+        tokens (the prefill pass that stores the prompt outer).
+    ``t0`` is the first token's index inside the inner part.
     """
 
-    def __init__(self, cache_layout, t0: int, rows: int = 1):
+    def __init__(self, cache_layout, t0: int, rows: int = 1, outer_query=None, outer_store=None):
         self.cache, self.t0, self.rows = cache_layout, t0, rows
+        self.outer_query, self.outer_store = outer_query, outer_store
+        if outer_store is not None and outer_store.T != rows:
+            raise ValueError(f"an outer tile for {outer_store.T} tokens cannot store {rows}")
 
     def pack_input(self, values):
         v = np.asarray(values, dtype=np.int64).reshape(self.rows, 3, -1)
         positions = range(self.t0, self.t0 + self.rows)
-        queries = [self.cache.pack_query(v[i, 0]) for i in range(self.rows)]
-        keys = [self.cache.pack_token(v[i, 1], t) for i, t in enumerate(positions)]
-        values_ = [self.cache.pack_token(v[i, 2], t) for i, t in enumerate(positions)]
-        return queries + keys + values_
+        out = [self.cache.pack_query(v[i, 0]) for i in range(self.rows)]
+        out += [self.cache.pack_token(v[i, 1], t) for i, t in enumerate(positions)]
+        out += [self.cache.pack_token(v[i, 2], t) for i, t in enumerate(positions)]
+        if self.outer_query is not None:
+            out += [self.outer_query.pack_query(v[i, 0]) for i in range(self.rows)]
+        if self.outer_store is not None:
+            plan = self.outer_store
+            k_nonzero, v_nonzero = plan.key_value_nonzero()
+            shape = (self.rows, plan.H, plan.dh)
+            k_diag, _ = plan.pack_keys(v[:, 1].reshape(shape))
+            v_diag, _ = plan.pack_values(v[:, 2].reshape(shape))
+            out += list(k_diag[k_nonzero]) + list(v_diag[v_nonzero])
+        return out
+
+    def split(self, cts: list) -> dict:
+        """The server's ciphertexts by role, in the order ``pack_input`` made them;
+        outer diagonals as (giant x baby) nested lists with None for zero ones."""
+        T = self.rows
+        parts = {"q": cts[:T], "k": cts[T : 2 * T], "v": cts[2 * T : 3 * T]}
+        rest = cts[3 * T :]
+        if self.outer_query is not None:
+            parts["q_outer"], rest = rest[:T], rest[T:]
+        if self.outer_store is not None:
+            for name, nonzero in zip(("k_diag", "v_diag"), self.outer_store.key_value_nonzero()):
+                it = iter(rest[: int(nonzero.sum())])
+                rest = rest[int(nonzero.sum()) :]
+                parts[name] = [[next(it) if nz else None for nz in row] for row in nonzero]
+        if rest:
+            raise ValueError(f"{len(rest)} ciphertexts more than the layout expects")
+        return parts
 
 
 class ScoresFromCache:
-    """Scores (T x heads x n_ctx) out of T groups of per-block score ciphertexts."""
+    """Scores (T x heads x n_ctx) out of, per query: the outer part's score
+    ciphertext (if any), then one ciphertext per inner block."""
 
-    def __init__(self, cache_layout, n_ctx: int, rows: int = 1):
-        self.cache, self.n_ctx, self.rows = cache_layout, n_ctx, rows
-        self.blocks = -(-n_ctx // cache_layout.B)
+    def __init__(self, cache_layout, n_inner: int, rows: int = 1, outer: OuterPart | None = None):
+        self.cache, self.n_inner, self.rows, self.outer = cache_layout, n_inner, rows, outer
+        self.per_row = -(-n_inner // cache_layout.B) + (outer is not None)
 
     def unpack_output(self, slots):
-        b = self.blocks
-        return np.concatenate(
-            [self.cache.unpack_scores([np.asarray(s) for s in slots[i * b : (i + 1) * b]], self.n_ctx).reshape(-1) for i in range(self.rows)]
-        )
+        rows = []
+        for i in range(self.rows):
+            group = [np.asarray(s) for s in slots[i * self.per_row : (i + 1) * self.per_row]]
+            parts = []
+            if self.outer is not None:
+                parts.append(self.outer.plan.unpack_scores(group.pop(0))[:, : self.outer.n_tokens])
+            parts.append(self.cache.unpack_scores(group, self.n_inner))
+            rows.append(np.concatenate(parts, axis=1).reshape(-1))
+        return np.concatenate(rows)
 
 
 class ProbsIntoCache:
-    """Probabilities (T x heads x n_ctx) -> per query, one ciphertext per cache block."""
+    """Probabilities (T x heads x n_ctx) -> per query: the outer part's probability
+    ciphertext (if any; zero past its tokens in use), then one per inner block."""
 
-    def __init__(self, cache_layout, n_ctx: int, rows: int = 1):
-        self.cache, self.n_ctx, self.rows = cache_layout, n_ctx, rows
+    def __init__(self, cache_layout, n_inner: int, rows: int = 1, outer: OuterPart | None = None):
+        self.cache, self.n_inner, self.rows, self.outer = cache_layout, n_inner, rows, outer
 
     def pack_input(self, values):
-        p = np.asarray(values, dtype=np.int64).reshape(self.rows, self.cache.H, self.n_ctx)
+        n_outer = self.outer.n_tokens if self.outer is not None else 0
+        p = np.asarray(values, dtype=np.int64).reshape(self.rows, self.cache.H, n_outer + self.n_inner)
         out = []
         for i in range(self.rows):
-            out.extend(self.cache.pack_probs(p[i], self.n_ctx))
+            if self.outer is not None:
+                padded = np.zeros((self.cache.H, self.outer.plan.T), dtype=np.int64)
+                padded[:, :n_outer] = p[i, :, :n_outer]
+                out.append(self.outer.plan.pack_probs(padded))
+            out.extend(self.cache.pack_probs(p[i, :, n_outer:], self.n_inner))
         return out
 
 
 class AttentionOutput:
-    """Attention outputs (T x d) out of ``InnerKVCache.attend``'s ciphertexts, one per query."""
+    """Attention outputs out of one ciphertext per query from the inner part, then
+    (if any) one per query from the outer part: (parts x T x d) values, which the
+    caller adds up on the shares."""
 
-    def __init__(self, cache_layout, rows: int = 1):
-        self.cache, self.rows = cache_layout, rows
+    def __init__(self, cache_layout, rows: int = 1, outer: OuterPart | None = None):
+        self.cache, self.rows, self.outer = cache_layout, rows, outer
+
+    @property
+    def parts(self) -> int:
+        return 1 + (self.outer is not None)
 
     def unpack_output(self, slots):
-        return np.concatenate([self.cache.unpack_out(np.asarray(s)).reshape(-1) for s in slots[: self.rows]])
+        T = self.rows
+        out = [self.cache.unpack_out(np.asarray(s)).reshape(-1) for s in slots[:T]]
+        if self.outer is not None:
+            out += [self.outer.plan.unpack_out(np.asarray(s)).reshape(-1) for s in slots[T : 2 * T]]
+        return np.concatenate(out)

@@ -20,6 +20,7 @@ Then requests, each answered in lockstep by the SPMD protocol:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -30,7 +31,7 @@ from ..config import CryptoGenConfig
 from ..he import ClientHE, HEParams, ServerHE
 from ..mpc import runtime
 from . import transport
-from .gpt2 import PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, SecureGPT2
+from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
 from .party import CLIENT, SERVER, Party
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def _hello(config: CryptoGenConfig) -> dict:
         "fixed_point": config.fixed_point.__dict__,
         "dealer": config.mpc.dealer,
         "reveal": config.mpc.reveal,
+        "prefill_layout": config.cache.prefill_layout,
     }
 
 
@@ -84,6 +86,9 @@ def check_hello(theirs: dict, ours: dict) -> None:
         raise HandshakeError("output reveal policy mismatch: the server opens only tokens (mpc.reveal: token), the client asked for logits")
     if theirs.get("reveal") not in ("logits", "token"):
         raise HandshakeError(f"unknown reveal mode {theirs.get('reveal')!r}")
+    # The cache layout is the client's choice (it changes the cost, not what anyone learns).
+    if theirs.get("prefill_layout") not in PREFILL_LAYOUTS:
+        raise HandshakeError(f"unknown cache prefill layout {theirs.get('prefill_layout')!r} (known: {PREFILL_LAYOUTS})")
 
 
 # ---------------------------------------------------------------------------
@@ -106,15 +111,19 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     if he.params.fingerprint() != hosted.he_params.fingerprint():
         channel.send("error", b"HE bundle parameters differ from the handshake")
         raise HandshakeError("HE bundle parameters differ from the handshake")
-    missing = set(hosted.plans.galois_steps()) - set(he.galois_steps)
+    policy = PrefillLayoutPolicy(hosted.shape, hosted.he_params, hello["prefill_layout"])
+    missing = set(hosted.plans.galois_steps()) | policy.galois_steps()
+    missing -= set(he.galois_steps)
     if missing:
         channel.send("error", f"HE bundle lacks Galois keys for steps {sorted(missing)[:8]}".encode())
         raise HandshakeError(f"HE bundle lacks Galois keys for steps {sorted(missing)}")
+    if config.he.noise_reserve_bits:  # the server's own, more conservative refresh policy
+        he.noise_model = dataclasses.replace(he.noise_model, fresh=he.noise_model.fresh - config.he.noise_reserve_bits)
 
     runtime.init_party(SERVER, mpc_config)
     try:
         party = Party(SERVER, channel, he)
-        runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded)
+        runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
             op = request.get("op")
@@ -126,6 +135,8 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                 runner.reset()
             elif op == "crop":
                 runner.crop(int(request["length"]))
+            elif op == "fill_for_benchmark":
+                runner.fill_for_benchmark(int(request["length"]))
             elif op == "stats":
                 stats = {
                     "tokens": runner.n_tokens,
@@ -180,8 +191,10 @@ class ClientSession:
         self.shape = ModelShape.from_dict(welcome["shape"])
         he_params = he_params_from(self.config)
         self.plans = GPT2Plans(self.shape, he_params)
+        self.policy = PrefillLayoutPolicy(self.shape, he_params, self.config.cache.prefill_layout)
         self.he = ClientHE(he_params)
-        self.channel.send("he_bundle", self.he.public_bundle(self.plans.galois_steps()))
+        steps = sorted(set(self.plans.galois_steps()) | self.policy.galois_steps())
+        self.channel.send("he_bundle", self.he.public_bundle(steps))
 
         mpc_config = runtime.MPCConfig(
             dealer=self.config.mpc.dealer, host=host, port=welcome["mpc_port"], timeout_s=self.config.timeouts.peer_s
@@ -193,7 +206,7 @@ class ClientSession:
             self.dealer_process.start()
         runtime.init_party(CLIENT, mpc_config)
         self.party = Party(CLIENT, self.channel, self.he)
-        self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config))
+        self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
 
     # -- requests ---------------------------------------------------------------
     def _request(self, **request):
@@ -241,6 +254,15 @@ class ClientSession:
             raise ValueError(f"cannot crop a cache of {self.runner.n_tokens} tokens to {n_tokens}")
         self._request(op="crop", length=int(n_tokens))
         self.runner.crop(n_tokens)
+
+    def fill_for_benchmark(self, n_tokens: int, seed: int = 0):
+        """Benchmarks only: an empty cache gets n_tokens of random encrypted keys and
+        values (see ``SecureGPT2.fill_for_benchmark``), so a decode step can be
+        timed at a long context without running a prefill."""
+        if self.runner.n_tokens:
+            raise ValueError("fill_for_benchmark needs an empty cache: reset() first")
+        self._request(op="fill_for_benchmark", length=int(n_tokens))
+        self.runner.fill_for_benchmark(n_tokens, seed)
 
     def stats(self) -> dict:
         """Token count, encrypted-cache bytes and the server's timings; nothing is decrypted."""
