@@ -2,6 +2,14 @@
 
     cryptogen serve --model PATH [--host H] [--port P] [--config NAME_OR_PATH]
     cryptogen generate --model PATH | --server HOST:PORT --prompt TEXT [--max-new-tokens N]
+    cryptogen eval --data FILE [--model PATH] [--secure [--max-tokens N --window W --stride S]]
+    cryptogen bench [--model PATH] [--contexts 32 64 ...] [--dealer client] [--out FILE.json]
+    cryptogen finetune --model PATH --train-file FILE --output-dir DIR [--max-steps N ...]
+
+``cryptogen COMMAND --help`` describes each. User errors (a missing model
+folder, a bad value) end with one line, ``cryptogen COMMAND: error: ...``, and
+exit status 2; the scripts in ``scripts/`` that wrap these commands share the
+same code.
 """
 
 from __future__ import annotations
@@ -12,9 +20,11 @@ import sys
 
 
 def _serve(args) -> int:
+    from .cli_common import local_model_dir
     from .config import load_config
     from .server.serve import serve
 
+    local_model_dir(args.model)
     config = load_config(args.config)
 
     def announce(port: int):
@@ -30,10 +40,15 @@ def _generate(args) -> int:
 
     from transformers import AutoTokenizer, TextStreamer
 
+    from .cli_common import CLIError, local_model_dir
     from .hf.modeling import CryptoGenForCausalLM
 
     if not args.model and not args.server:
-        raise SystemExit("cryptogen generate: give --model PATH (local server) or --server HOST:PORT")
+        raise CLIError("give --model PATH (local server) or --server HOST:PORT")
+    if args.model:
+        local_model_dir(args.model)
+    if not (args.tokenizer or args.model):
+        raise CLIError("with --server, give --tokenizer PATH (the client needs only the tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = CryptoGenForCausalLM.from_pretrained(args.model, server=args.server, settings=args.config)
     try:
@@ -54,9 +69,12 @@ def _generate(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cryptogen", description="Private text generation (CryptoGen) for HF models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
+    from . import bench, finetune
+    from .eval import run as eval_run
+
+    parser = argparse.ArgumentParser(prog=prog, description="Private text generation (CryptoGen) for HF models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="host a GPT-2 checkpoint for secure sessions")
     p.add_argument("--model", required=True, help="HF checkpoint folder (config.json + weights)")
@@ -76,9 +94,36 @@ def main(argv=None) -> int:
     g.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path")
     g.set_defaults(func=_generate)
 
-    args = parser.parse_args(argv)
+    raw = argparse.RawDescriptionHelpFormatter
+    e = sub.add_parser("eval", help="perplexity of a checkpoint on a text, plaintext or --secure",
+                       description=eval_run.__doc__, formatter_class=raw)
+    eval_run.add_arguments(e)
+    e.set_defaults(func=eval_run.run)
+
+    b = sub.add_parser("bench", help="secure generation latency against context (cache vs recompute)",
+                       description=bench.__doc__, formatter_class=raw)
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+
+    f = sub.add_parser("finetune", help="fine-tune a causal LM on a text file (transformers Trainer)",
+                       description=finetune.__doc__, formatter_class=raw)
+    finetune.add_arguments(f)
+    f.set_defaults(func=finetune.run)
+    return parser
+
+
+def main(argv=None, prog: str = "cryptogen") -> int:
+    from .cli_common import CLIError
+    from .config import ConfigError
+    from .server.weights import UnsupportedArchitectureError
+
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, UnsupportedArchitectureError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,32 +12,11 @@ import argparse
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation.streamers import BaseStreamer
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
+from cryptogen_hf.bench import TokenTimer
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
-
-
-class LatencyBar(BaseStreamer):
-    """A generate() streamer that drives a progress bar and records when each token arrived."""
-
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="secure generation", unit="tok")
-        self.times = []
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first sends the prompt
-            self._prompt_seen = True
-            self.start = time.perf_counter()
-            return
-        self.times.append(time.perf_counter())
-        self.bar.update(1)
-
-    def end(self):
-        self.bar.close()
 
 
 def main():
@@ -56,7 +35,7 @@ def main():
     secure = CryptoGenForCausalLM.from_pretrained(args.model, settings=args.config)
     print(f"secure session ready in {time.perf_counter() - start:.1f} s (keys made, server loaded and encoded the weights)")
     try:
-        bar = LatencyBar(args.max_new_tokens)
+        bar = TokenTimer(args.max_new_tokens)
         out = secure.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=bar)
         stats = secure.session.stats()
     finally:
@@ -67,8 +46,8 @@ def main():
         plain = plain_model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, attention_mask=torch.ones_like(input_ids))
 
     n_prompt = input_ids.shape[1]
-    first = bar.times[0] - bar.start
-    decode = [b - a for a, b in zip(bar.times, bar.times[1:])]
+    first = bar.first_token_s
+    decode = bar.latencies[1:]
     print()
     print(f"prompt:           {args.prompt!r} ({n_prompt} tokens)")
     print(f"secure output:    {tokenizer.decode(out[0, n_prompt:])!r}")

@@ -8,6 +8,7 @@ HF model.
 
 import io
 import json
+import multiprocessing
 from contextlib import redirect_stdout
 
 import pytest
@@ -54,21 +55,44 @@ def _plain_greedy(plain_model, input_ids, n):
         return plain_model.generate(input_ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(input_ids))
 
 
+def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
+    """Client process of one secure session: greedy generation for each prompt.
+
+    Runs in a spawned process (a client process holds one session at a time),
+    so that two sessions share the machine: a secure step is half waiting for
+    the peer, and two sessions fill those gaps (1.6x less wall time here).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, settings=CryptoGenConfig(mpc=MPCSettings(dealer="client")))
+    results = []
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            results.append({"prompt": prompt, "ids": ids, "sequences": out.sequences, "logits": torch.cat(out.logits)})
+    finally:
+        model.close()
+    return results
+
+
 @pytest.mark.timeout(3000)  # 5 prompts x 32 tokens at seconds per token (see the issue note)
-def test_greedy_generation_is_token_identical_to_plaintext(secure_model, plain_model, tokenizer):
+def test_greedy_generation_is_token_identical_to_plaintext(plain_model):
+    # Two concurrent client processes, each with its own session (own keys,
+    # own server worker), prompts split between them.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        batches = pool.starmap(_secure_greedy_worker, [(PROMPTS[0::2], NEW_TOKENS), (PROMPTS[1::2], NEW_TOKENS)])
+    results = {r["prompt"]: r for batch in batches for r in batch}
+    assert sorted(results) == sorted(PROMPTS)
     report = []
     for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        secure = secure_model.generate(
-            ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
+        ids, sequences = results[prompt]["ids"], results[prompt]["sequences"]
         plain = _plain_greedy(plain_model, ids, NEW_TOKENS)
-        assert secure.sequences.tolist() == plain.tolist(), f"prompt {prompt!r} diverged"
+        assert sequences.tolist() == plain.tolist(), f"prompt {prompt!r} diverged"
         # Logit error at every step, against the plaintext logits of the same sequence.
         with torch.no_grad():
-            reference = plain_model(secure.sequences).logits[0, ids.shape[1] - 1 : -1]
-        got = torch.cat(secure.logits)
-        errors = (got - reference).abs().amax(dim=-1)
+            reference = plain_model(sequences).logits[0, ids.shape[1] - 1 : -1]
+        errors = (results[prompt]["logits"] - reference).abs().amax(dim=-1)
         report.append({"prompt": prompt, "max_abs_logit_error_per_step": [round(e, 5) for e in errors.tolist()]})
         assert errors.max().item() < 0.1, errors.max().item()
     print(json.dumps(report))

@@ -1,4 +1,4 @@
-"""The secure GPT-2 forward pass: one token at a time against the encrypted KV cache.
+"""The secure GPT-2 forward pass: a pass of new tokens against the encrypted KV cache.
 
 SPMD, like CrypTen: the server and the client run ``SecureGPT2.step`` in
 lockstep with their own ``Party``. The server holds ``EncodedGPT2`` (its
@@ -12,7 +12,9 @@ products run under BFV at the server (DESIGN sections 4-5):
       LayerNorm (MPC, affine folded into the next linear)
       qkv = x W_qkv (HE)                      -> shares
       q | k | v -> fresh ciphertexts in the cache layout (one conversion)
-      cache.append(k, v); scores = q K^T (HE, ct x ct over the cache)
+      cache.append(k, v); scores = q K^T (HE, ct x ct over the cache: the
+        prompt's part in the outer layout if the policy stored it so, the
+        rest in the inner layout)
       softmax (MPC)
       out = probs V (HE, ct x ct over the cache)
       attn_out linear (HE), residual (free on shares)

@@ -1,0 +1,151 @@
+"""The `cryptogen` command line: help, user errors, secure perplexity, bench.
+
+Help and user errors go through ``cryptogen_hf.cli.main`` in this process
+(the same code the console script runs; starting a Python per case would
+cost seconds each); the entry points themselves, secure eval and bench run
+as real processes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from cryptogen_hf import SHIPPED_MODEL_DIR
+from cryptogen_hf.cli import main
+from cryptogen_hf.eval.perplexity import hf_model_fn, sliding_window_nll
+
+REPO = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ["serve", "generate", "eval", "bench", "finetune"]
+TEXT = ("The quiet harbour town kept its old lighthouse burning every night for the fishing boats "
+        "that came home late, and the keeper wrote the weather in a book.\n")
+
+
+def cryptogen(*args, timeout=300):
+    """`python -m cryptogen_hf.cli ARGS` as a child process."""
+    return subprocess.run([sys.executable, "-m", "cryptogen_hf.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def cryptogen_main(capsys, *args):
+    """`cryptogen ARGS` through main() in this process: (exit status, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer random GPT-2 with the shipped tokenizer (so `eval` can tokenize text).
+
+    initializer_range 0.2 (GPT-2 uses 0.02) spreads the logits (std ~1.6), so
+    the perplexity is far from the uniform one and logit errors would show.
+    """
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2-tok")
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                        bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    GPT2LMHeadModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_help_of_every_subcommand_and_script(capsys):
+    top = cryptogen("--help")  # the module entry point, in its own process
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in top.stdout
+    for name in SUBCOMMANDS:
+        code, out, err = cryptogen_main(capsys, name, "--help")
+        assert code == 0, err
+        assert out.startswith(f"usage: cryptogen {name}"), out[:200]
+        assert "--model" in out
+    # The scripts are thin wrappers of the subcommands.
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_ppl.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0 and "--secure" in result.stdout, result.stderr
+
+
+def test_missing_model_folder_is_one_clear_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    commands = {
+        "eval": ["--model", missing, "--data", text],
+        "bench": ["--model", missing, "--contexts", 4],
+        "finetune": ["--model", missing, "--train-file", text, "--output-dir", tmp_path / "out"],
+        "serve": ["--model", missing],
+        "generate": ["--model", missing, "--prompt", "Hi"],
+    }
+    for name, args in commands.items():
+        code, _, err = cryptogen_main(capsys, name, *args)
+        assert code == 2, (name, err)
+        assert err.strip() == f"cryptogen {name}: error: no model folder at {str(missing)!r} " \
+            "(give a checkpoint folder with config.json; nothing is downloaded)", (name, err)
+    result = cryptogen("eval", "--model", missing, "--data", text)  # and from a real process: no traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cryptogen eval: error: no model folder at {str(missing)!r}" in result.stderr
+
+
+def test_bad_arguments_are_refused_with_a_reason(tmp_path, tiny_checkpoint, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    cases = [
+        (["eval", "--model", tiny_checkpoint, "--data", text, "--window", 8, "--stride", 8],
+         "--stride 8 must be smaller than the window 8"),
+        (["eval", "--model", tiny_checkpoint, "--data", text, "--window", 65], "exceeds the model context 64"),
+        (["eval", "--model", tiny_checkpoint, "--data", tmp_path / "missing.txt"], "no text file at"),
+        (["eval", "--model", tmp_path / "text.txt", "--data", text], "is a file, not a checkpoint folder"),
+        (["bench", "--model", tiny_checkpoint, "--contexts", 200], "context 200 must be in 2..62"),
+        (["bench", "--contexts", 0], "must be a positive integer"),  # argparse: usage and the reason
+        (["finetune", "--model", tiny_checkpoint, "--train-file", text, "--output-dir", tmp_path / "o",
+          "--block-size", 100], "--block-size 100 exceeds the model's context of 64 tokens"),
+        (["generate", "--prompt", "Hi"], "give --model PATH (local server) or --server HOST:PORT"),
+    ]
+    for args, reason in cases:
+        code, _, err = cryptogen_main(capsys, *args)
+        assert code == 2 and reason in err, (args, err[-2000:])
+
+
+def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "secure.json"
+    result = cryptogen("eval", "--model", tiny_checkpoint, "--data", text, "--secure", "--dealer", "client",
+                       "--max-tokens", 16, "--window", 8, "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    secure = json.loads(out.read_text())
+    assert secure["secure"] and secure["n_tokens_evaluated"] == 16 and secure["n_tokens_scored"] == 15
+    assert secure["window"] == 8 and secure["stride"] == 4 and secure["n_windows"] == 3
+    assert "first 16 of" in result.stdout  # the slice is stated
+
+    # The plaintext perplexity of the same 16 tokens, same windows, computed here.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"][:16]
+    plain = sliding_window_nll(hf_model_fn(GPT2LMHeadModel.from_pretrained(tiny_checkpoint)), ids, window=8, stride=4)
+    assert abs(plain.ppl - len(tokenizer)) > 0.5 * len(tokenizer)  # far from uniform: the test can tell
+    assert abs(secure["ppl"] - plain.ppl) / plain.ppl < 0.01, (secure["ppl"], plain.ppl)
+
+
+def test_bench_writes_json_and_plot(tmp_path):
+    torch.manual_seed(0)  # as tests/test_sessions.py: bench needs no tokenizer, and a small vocabulary is quicker
+    model_dir = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(model_dir)
+    out = tmp_path / "bench.json"
+    result = cryptogen("bench", "--model", model_dir, "--contexts", 6, "--decode-tokens", 1,
+                       "--dealer", "client", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dealer"] == "client" and [r["context"] for r in report["rows"]] == [6]
+    for row in report["rows"]:
+        assert row["decode_s_per_token"] > 0 and row["recompute_s_per_token"] > 0
+        assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
