@@ -76,12 +76,34 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 4) for k in after}
 
 
-def measure_context(session, crypten, context: int, decode_tokens: int, recompute: bool) -> dict:
+def random_gpt2_checkpoint(folder: Path, n_layer: int, vocab_size: int, width: int = 768, heads: int = 12, context: int = 1024) -> Path:
+    """A GPT-2 of the given shape with random weights (seeded), made once and reused.
+
+    Timing needs the shape, not trained weights; nothing is downloaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = folder / f"gpt2-d{width}-L{n_layer}-V{vocab_size}"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=n_layer, n_embd=width, n_head=heads, n_positions=context, vocab_size=vocab_size,
+                            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+        GPT2LMHeadModel(config).eval().save_pretrained(path)
+    return path
+
+
+def measure_context(session, crypten, context: int, decode_tokens: int, recompute: bool, fill: bool = False) -> dict:
+    """Decode latency at ``context`` with the encrypted cache (and, optionally, the
+    recompute baseline). ``fill``: the first context - 1 cache entries are
+    random encryptions (``ClientSession.fill_for_benchmark``) instead of a
+    prefill: same decode work, none of the hours a long prefill takes."""
     generator = torch.Generator().manual_seed(context)
     tokens = torch.randint(1, session.shape.vocab_size, (context + decode_tokens,), generator=generator).tolist()
     session.reset()
     start = time.perf_counter()
-    session.forward(tokens[: context - 1], [False] * (context - 2) + [True])
+    if fill:
+        session.fill_for_benchmark(context - 1)
+    else:
+        session.forward(tokens[: context - 1], [False] * (context - 2) + [True])
     prefill_s = time.perf_counter() - start
 
     comm = crypten.communicator.get()
@@ -99,7 +121,9 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
     row = {
         "context": context,
         "prefill_tokens": context - 1,
+        "prefill": "random cache fill" if fill else "secure prefill pass",
         "prefill_s": round(prefill_s, 3),
+        "cache_layout_of_prefix": "outer" if session.runner.n_outer else "inner",
         "decode_s_per_token": round(decode_s, 3),
         "server_breakdown_s_per_token": {k: round(v / decode_tokens, 4) for k, v in _delta(server1["timings"], server0["timings"]).items()},
         "client_breakdown_s_per_token": {k: round(v / decode_tokens, 4) for k, v in _delta(dict(session.runner.timings), client0).items()},
@@ -110,6 +134,10 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
         "cache_tokens": server1["tokens"],
         "server_peak_rss_mb": server1.get("peak_rss_mb"),
     }
+    server_step = row["server_breakdown_s_per_token"]
+    # The transformer blocks alone: the step less the token embedding and LM head
+    # (which run once per token, whatever the depth).
+    row["blocks_s_per_token"] = round(decode_s - server_step.get("embedding", 0.0) - server_step.get("lm_head", 0.0), 3)
     if recompute:
         # No cache: the whole prefix (context tokens) is processed for one new token.
         session.reset()
@@ -129,8 +157,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     contexts = [r["context"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(contexts, [r["decode_s_per_token"] for r in rows], "o-", label="encrypted KV cache (CryptoGen)")
-    if all("recompute_s_per_token" in r for r in rows):
-        ax1.plot(contexts, [r["recompute_s_per_token"] for r in rows], "s--", label="recompute prefix (no cache)")
+    measured = [r for r in rows if "recompute_s_per_token" in r]
+    if measured:
+        ax1.plot([r["context"] for r in measured], [r["recompute_s_per_token"] for r in measured], "s--", label="recompute prefix (no cache)")
     ax1.set_xlabel("context (tokens)")
     ax1.set_ylabel("seconds per generated token")
     ax1.set_title(title)
@@ -153,6 +182,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import SHIPPED_MODEL_DIR
 
     parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="GPT-2 checkpoint folder (default: the shipped model)")
+    parser.add_argument("--gpt2-base-shape", action="store_true",
+                        help="time a GPT-2-base-wide model with random weights (d=768, 12 heads) instead of --model")
+    parser.add_argument("--layers", type=positive_int, default=12, help="with --gpt2-base-shape: blocks (1 = one block)")
+    parser.add_argument("--vocab", type=positive_int, default=50257, help="with --gpt2-base-shape: vocabulary size")
+    parser.add_argument("--fill", action="store_true",
+                        help="fill the cache with random encryptions instead of a secure prefill (long contexts)")
+    parser.add_argument("--recompute-contexts", type=positive_int, nargs="*", default=None,
+                        help="run the recompute baseline only at these contexts (default: all; it costs a whole prefill each)")
     parser.add_argument("--contexts", type=positive_int, nargs="+", default=[32, 64, 128, 256],
                         help="context lengths to measure (each >= 2; default 32 64 128 256)")
     parser.add_argument("--decode-tokens", type=positive_int, default=2, help="decode steps timed per context")
@@ -168,7 +205,10 @@ def run(args) -> int:
     from .crypten_compat import import_crypten
     from .hf.modeling import CryptoGenForCausalLM
 
-    model_dir = local_model_dir(args.model)
+    if args.gpt2_base_shape:
+        model_dir = random_gpt2_checkpoint(Path(args.out).parent / ".bench_models", args.layers, args.vocab)
+    else:
+        model_dir = local_model_dir(args.model)
     context_limit = AutoConfig.from_pretrained(model_dir).n_positions
     for context in args.contexts:
         if not 2 <= context <= context_limit - args.decode_tokens:
@@ -185,12 +225,13 @@ def run(args) -> int:
     rows = []
     try:
         for context in tqdm(args.contexts, desc="contexts", unit="ctx"):
-            rows.append(measure_context(model.session, crypten, context, args.decode_tokens, not args.no_recompute))
+            recompute = not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
+            rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill))
             tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "decode_s_per_token", "recompute_s_per_token") if k in rows[-1]}))
     finally:
         model.close()
     result = {
-        "model": str(args.model),
+        "model": str(model_dir),
         "shape": model.config.to_dict() if hasattr(model.config, "to_dict") else {},
         "dealer": settings.mpc.dealer,
         "session_setup_s": round(setup_s, 2),
