@@ -44,7 +44,16 @@ from ..he.diagonal import DEFAULT_COSTS, fold_rotations
 from ..mpc import ops
 from ..mpc.runtime import CLIENT, rank_of
 from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
-from .layouts import AttentionOutput, MatvecIO, OuterPart, ProbsIntoCache, QKVIntoCache, ScoresFromCache
+from .layouts import (
+    AttentionOutput,
+    MatvecIO,
+    OuterPart,
+    ProbsIntoCache,
+    QKVIntoCache,
+    ScoresFromCache,
+    pack_outer_kv,
+    unpack_outer_kv,
+)
 from .randomness import uniform_mod
 from .wire import pack_blobs, unpack_blobs
 
@@ -513,9 +522,7 @@ class SecureGPT2:
             for _ in range(shape.n_layer):
                 K, V = rng.integers(-scale, scale, size=(2, n_tokens, shape.n_head, shape.head_dim))
                 if outer is not None:
-                    (k_diag, _), (v_diag, _) = outer.pack_keys(K), outer.pack_values(V)
-                    k_nonzero, v_nonzero = outer.key_value_nonzero()
-                    slots = list(k_diag[k_nonzero]) + list(v_diag[v_nonzero])
+                    slots = pack_outer_kv(outer, K, V)
                 else:
                     slots = []
                     for X in (K, V):
@@ -531,9 +538,8 @@ class SecureGPT2:
             for layer in range(shape.n_layer):
                 cts = [he.load_ct(b) for b in blobs[layer * per_layer : (layer + 1) * per_layer]]
                 if outer is not None:
-                    io = QKVIntoCache(layout, 0, n_tokens, outer_store=outer)
-                    parts = io.split([None] * 3 * n_tokens + cts)
-                    self.outer_caches[layer] = OuterKVCache(outer, parts["k_diag"], parts["v_diag"], he.noise_model.fresh)
+                    k_diag, v_diag = unpack_outer_kv(outer, cts)
+                    self.outer_caches[layer] = OuterKVCache(outer, k_diag, v_diag, he.noise_model.fresh)
                 else:
                     half = len(cts) // 2
                     self.caches[layer].load_blocks(cts[:half], cts[half:], n_tokens)

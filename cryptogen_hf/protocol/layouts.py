@@ -66,6 +66,27 @@ class OuterPart:
         self.n_tokens = plan.T if n_tokens is None else n_tokens
 
 
+def pack_outer_kv(plan, K, V) -> list:
+    """Slot vectors of the nonzero K diagonals, then the nonzero V diagonals, of an
+    outer tile. K, V: (T, heads, d_head) ints."""
+    (k_diag, _), (v_diag, _) = plan.pack_keys(K), plan.pack_values(V)
+    k_nonzero, v_nonzero = plan.key_value_nonzero()
+    return list(k_diag[k_nonzero]) + list(v_diag[v_nonzero])
+
+
+def unpack_outer_kv(plan, cts: list) -> tuple[list, list]:
+    """The inverse placement at the server: (K, V) diagonals as (giant x baby)
+    nested lists, None where a diagonal is zero by shape."""
+    nested = []
+    for nonzero in plan.key_value_nonzero():
+        n = int(nonzero.sum())
+        it, cts = iter(cts[:n]), cts[n:]
+        nested.append([[next(it) if nz else None for nz in row] for row in nonzero])
+    if cts:
+        raise ValueError(f"{len(cts)} ciphertexts more than the layout expects")
+    return nested[0], nested[1]
+
+
 class QKVIntoCache:
     """Fused q|k|v rows of T tokens -> fresh ciphertexts for the encrypted cache.
 
@@ -95,12 +116,8 @@ class QKVIntoCache:
         if self.outer_query is not None:
             out += [self.outer_query.pack_query(v[i, 0]) for i in range(self.rows)]
         if self.outer_store is not None:
-            plan = self.outer_store
-            k_nonzero, v_nonzero = plan.key_value_nonzero()
-            shape = (self.rows, plan.H, plan.dh)
-            k_diag, _ = plan.pack_keys(v[:, 1].reshape(shape))
-            v_diag, _ = plan.pack_values(v[:, 2].reshape(shape))
-            out += list(k_diag[k_nonzero]) + list(v_diag[v_nonzero])
+            shape = (self.rows, self.outer_store.H, self.outer_store.dh)
+            out += pack_outer_kv(self.outer_store, v[:, 1].reshape(shape), v[:, 2].reshape(shape))
         return out
 
     def split(self, cts: list) -> dict:
@@ -112,11 +129,8 @@ class QKVIntoCache:
         if self.outer_query is not None:
             parts["q_outer"], rest = rest[:T], rest[T:]
         if self.outer_store is not None:
-            for name, nonzero in zip(("k_diag", "v_diag"), self.outer_store.key_value_nonzero()):
-                it = iter(rest[: int(nonzero.sum())])
-                rest = rest[int(nonzero.sum()) :]
-                parts[name] = [[next(it) if nz else None for nz in row] for row in nonzero]
-        if rest:
+            parts["k_diag"], parts["v_diag"] = unpack_outer_kv(self.outer_store, rest)
+        elif rest:
             raise ValueError(f"{len(rest)} ciphertexts more than the layout expects")
         return parts
 
