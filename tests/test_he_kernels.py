@@ -40,6 +40,14 @@ def test_params_security_and_fingerprint():
     assert params.fingerprint() == HEParams.from_dict(params.to_dict()).fingerprint()
     with pytest.raises(ValueError):
         HEParams(coeff_modulus=[m.value() for m in sealapi.CoeffModulus.Create(8192, [60] * 5)])
+    # The shipped chain: four primes of the sizes asked for, within the
+    # 128-bit bound, the key-switching prime the largest; a bad size is refused.
+    assert params.coeff_modulus_bits == (54, 54, 54, 56)
+    assert sum(params.coeff_modulus_bits) <= sealapi.CoeffModulus.MaxBitCount(8192, sealapi.SEC_LEVEL_TYPE.TC128)
+    assert len(set(params.coeff_modulus)) == 4
+    assert HEParams(coeff_modulus_bits=(43, 43, 44, 44, 44)).fingerprint() != params.fingerprint()
+    with pytest.raises(ValueError, match="20..60"):
+        HEParams(coeff_modulus_bits=(54, 54, 54, 70))
 
 
 def test_encrypt_decrypt_negative(setup):

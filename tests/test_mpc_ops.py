@@ -52,6 +52,23 @@ def gpt2_like_residual(rows: int, d: int, seed: int) -> torch.Tensor:
     return x
 
 
+# Row lengths for the max tournament: one group, ragged last groups, several levels.
+MAX_LENGTHS = (2, 3, 5, 17, 64, 511)
+
+
+def tied_rows(n: int) -> torch.Tensor:
+    """Rows whose max is attained several times, in first, middle or last
+    place, and rows of equal values: the cases where a tournament can select
+    no winner or two."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.round(torch.randn(6, n, generator=g) * 8.0)  # integers: many ties
+    x[1, :] = 3.0
+    x[2, -1] = x[2].max() + 1.0
+    x[3, 0] = x[3].max() + 1.0
+    x[4, :: max(1, n // 3)] = x[4].max()
+    return x
+
+
 def gelu_grid() -> torch.Tensor:
     return torch.linspace(-8.0, 8.0, 8001)
 
@@ -95,6 +112,9 @@ def main_program(role):
     for n in (64, 512):
         run(f"softmax_decode_{n}", ops.softmax, gpt2_like_scores(12, 1, n, seed=n))
     run("softmax_causal", lambda z: ops.softmax(z, causal=True), gpt2_like_scores(4, 16, 16, seed=7))
+    for n in MAX_LENGTHS:
+        run(f"max_{n}", lambda z: ops._max_last_dim(z).squeeze(-1), tied_rows(n))
+    out["provider"] = crypten.mpc.get_default_provider().NAME
     x = gpt2_like_residual(32, 768, seed=0)
     scale = ops.calibrate_pre_scale(x)
     out["ln_scale"] = scale
@@ -208,6 +228,50 @@ def test_client_input_not_revealed_to_server(ttp_run):
     assert not torch.any(server_share == encoded)
     # Spread over the whole 64-bit ring, not near the values themselves.
     assert s.abs().median() > 2.0**60
+
+
+@pytest.mark.parametrize("n", MAX_LENGTHS)
+def test_row_max_with_ties_and_ragged_groups(ttp_run, n):
+    want = tied_rows(n).max(-1).values
+    for role in ("server", "client"):
+        # One winner per group: two winners would add up to twice the max.
+        assert torch.allclose(ttp_run[role][f"max_{n}"], want, atol=1e-3), n
+
+
+def test_tournament_picks_exactly_the_first_maximum():
+    """The plaintext logic of one tournament level, on every tie pattern of
+    a group: the member that wins is the first index of the maximum."""
+    import itertools
+
+    from cryptogen_hf.mpc.ops import _tournament_indices
+
+    for g in (2, 3, 4, 8):
+        left, right, beats = _tournament_indices(g)
+        for values in itertools.product(range(3), repeat=min(g, 5)):
+            x = torch.tensor(list(values) + [0] * (g - len(values)))
+            c = (x[left] >= x[right]).long()
+            wins = torch.cat([c, 1 - c])[beats].reshape(g, g - 1)
+            winner = wins.prod(-1)
+            assert winner.sum() == 1 and int(winner.argmax()) == int(torch.argmax((x == x.max()).long())), (g, values)
+
+
+def test_dealer_process_serves_the_tuples(ttp_run):
+    assert ttp_run["server"]["provider"] == ttp_run["client"]["provider"] == "CRYPTOGEN_TTP"
+
+
+def test_dealer_request_encoding():
+    from cryptogen_hf.mpc.dealer import _decode_request, _encode_request, _result_size
+
+    req = _encode_request("additive", (12, 1, 64), (12, 64, 32), "matmul")
+    assert _decode_request(req) == ("additive", "matmul", torch.Size([12, 1, 64]), torch.Size([12, 64, 32]))
+    assert _result_size("additive", "matmul", torch.Size([12, 1, 64]), torch.Size([12, 64, 32])) == (12, 1, 32)
+    assert _result_size("additive", "mul", torch.Size([4, 1]), torch.Size([4, 7])) == (4, 7)
+    assert _result_size("binary", "mul", torch.Size([3, 1]), torch.Size([1, 5])) == (3, 5)
+    assert _decode_request(_encode_request("wraps", (5,)))[::2] == ("wraps", torch.Size([5]))
+    with pytest.raises(ValueError, match="conv2d"):
+        _encode_request("additive", (1,), (1,), "conv2d")
+    with pytest.raises(ValueError, match="dims"):
+        _encode_request("square", (1,) * 9)
 
 
 def test_gelu_accuracy_dense_grid(ttp_run):

@@ -23,6 +23,8 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
         ClientSession("127.0.0.1", port, CryptoGenConfig(fixed_point=FixedPointSettings(activation_bits=10)))
     with pytest.raises(HandshakeError, match="HE parameters mismatch"):
         ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(plain_modulus_bits=40)))
+    with pytest.raises(HandshakeError, match="HE parameters mismatch"):
+        ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(coeff_modulus_bits=[43, 43, 44, 44, 44])))
     assert proc.poll() is None  # still serving
     # A matching client (default settings: TTP dealer in a third process) gets exact greedy tokens.
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")

@@ -13,12 +13,13 @@ src=rank_of("client"))``) and never hard-code ranks.
 
 Dealer modes
 ------------
-``dealer="ttp"`` (default): CrypTen's ``TrustedThirdParty`` provider. A third
-OS process (:func:`run_dealer`) runs CrypTen's ``TTPServer`` at rank
-``world_size`` = 2, which is where CrypTen's communicator puts the TTP
-(``get_ttp_rank() == world_size``). It shares a PRG seed with each party and
-sends party 0 (the server) the correction share of every triple. Neither party
-sees a whole triple; the dealer must not collude with either party.
+``dealer="ttp"`` (default): a third OS process (:func:`run_dealer`) deals the
+tuples at rank ``world_size`` = 2, which is where CrypTen's communicator puts
+the TTP (``get_ttp_rank() == world_size``). It is CrypTen's TrustedThirdParty
+construction with a leaner wire protocol (:mod:`cryptogen_hf.mpc.dealer`): it
+shares a PRG seed with each party and sends party 0 (the server) the
+correction share of every triple. Neither party sees a whole triple; the
+dealer must not collude with either party.
 
 ``dealer="client"``: the client makes all triples. CrypTen's own
 ``TrustedFirstParty`` hard-codes party 0 as the dealer; instead of remapping
@@ -61,7 +62,6 @@ import queue as queue_module
 import socket
 import time
 import traceback
-import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -263,7 +263,12 @@ def _select_provider(config: MPCConfig) -> None:
     from crypten.config import cfg
 
     if config.uses_ttp:
-        cfg.mpc.provider = "TTP"
+        from . import dealer
+
+        providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+        if dealer.PROVIDER_NAME not in providers:
+            providers[dealer.PROVIDER_NAME] = dealer.DealerProcessProvider()
+        cfg.mpc.provider = dealer.PROVIDER_NAME
     else:
         # crypten.mpc keeps its providers in a module-level dict that
         # get_default_provider() indexes with cfg.mpc.provider.
@@ -411,15 +416,15 @@ def run_dealer(config: MPCConfig) -> None:
     # CrypTen's TTPServer seeds the per-party PRGs with torch's global RNG;
     # seed that from the OS so the seeds are not predictable by the parties.
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    crypten = _connect(DEALER, config, config.dealer_idle_timeout_s)
-    from crypten.mpc.provider.ttp_provider import TTPServer
+    _connect(DEALER, config, config.dealer_idle_timeout_s)
+    from .dealer import serve_dealer
 
-    with warnings.catch_warnings():
-        # TTPServer calls crypten.init(), which only warns "already
-        # initialized" because our communicator is installed.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        TTPServer()  # serves requests until "terminate" or a RuntimeError
-    del crypten
+    try:
+        serve_dealer()  # until the server's "terminate"
+    except RuntimeError as exc:
+        # A party closed its socket or stayed silent past the idle timeout:
+        # the session is over either way (the parties report their own error).
+        log.info("dealer: session ended: %s", exc)
     shutdown()
 
 
@@ -432,8 +437,14 @@ def shutdown() -> None:
         return
     try:
         if _state.get("config") is not None and _state["config"].uses_ttp and _state.get("role") != DEALER:
+            from .dealer import send_terminate
+
+            if _state.get("role") == SERVER:
+                send_terminate()
+            # CrypTen's own shutdown would send its pickled "terminate" too.
+            DistributedCommunicator.instance.ttp_initialized = False
             crypten.mpc.provider.ttp_provider.TTPClient.uninit()
-        crypten.uninit()  # server sends "terminate" to the TTP, destroys groups
+        crypten.uninit()  # destroys the process groups
     except RuntimeError as exc:
         # The peer may already be gone; tear down locally regardless.
         log.info("shutdown: %s", exc)

@@ -49,7 +49,11 @@ def _json(payload: bytes) -> dict:
 
 
 def he_params_from(config: CryptoGenConfig) -> HEParams:
-    return HEParams(poly_modulus_degree=config.he.poly_modulus_degree, plain_modulus_bits=config.he.plain_modulus_bits)
+    return HEParams(
+        poly_modulus_degree=config.he.poly_modulus_degree,
+        plain_modulus_bits=config.he.plain_modulus_bits,
+        coeff_modulus_bits=config.he.coeff_modulus_bits,
+    )
 
 
 def fixed_point_from(config: CryptoGenConfig) -> FixedPoint:
