@@ -71,11 +71,13 @@ class CryptoGenConfig:
             raise ConfigError(f"fixed_point.activation_bits must be in 1..16, got {self.fixed_point.activation_bits}")
         if not 0 < self.fixed_point.weight_bits <= 20:
             raise ConfigError(f"fixed_point.weight_bits must be in 1..20, got {self.fixed_point.weight_bits}")
-        bits = self.he.coeff_modulus_bits
-        if bits is not None and (
-            not isinstance(bits, (list, tuple)) or len(bits) < 2 or any(not isinstance(b, int) or not 20 <= b <= 60 for b in bits)
-        ):
-            raise ConfigError(f"he.coeff_modulus_bits must be a list of >= 2 prime sizes in 20..60 bits, got {bits!r}")
+        if self.he.coeff_modulus_bits is not None:
+            from .he.params import check_coeff_modulus_bits
+
+            try:
+                check_coeff_modulus_bits(self.he.coeff_modulus_bits)
+            except ValueError as exc:
+                raise ConfigError(f"he.coeff_modulus_bits: {exc}") from None
         if self.he.noise_reserve_bits < 0:
             raise ConfigError(f"he.noise_reserve_bits must be >= 0, got {self.he.noise_reserve_bits}")
         if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0:

@@ -48,6 +48,12 @@ def test_params_security_and_fingerprint():
     assert HEParams(coeff_modulus_bits=(43, 43, 44, 44, 44)).fingerprint() != params.fingerprint()
     with pytest.raises(ValueError, match="20..60"):
         HEParams(coeff_modulus_bits=(54, 54, 54, 70))
+    # The shipped config names the same chain, and a bad one is refused at load.
+    from cryptogen_hf.config import ConfigError, CryptoGenConfig, HESettings, load_config
+
+    assert tuple(load_config("default").he.coeff_modulus_bits) == params.coeff_modulus_bits
+    with pytest.raises(ConfigError, match="he.coeff_modulus_bits"):
+        CryptoGenConfig(he=HESettings(coeff_modulus_bits=[218])).validate()
 
 
 def test_encrypt_decrypt_negative(setup):

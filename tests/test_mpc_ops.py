@@ -239,8 +239,9 @@ def test_row_max_with_ties_and_ragged_groups(ttp_run, n):
 
 
 def test_tournament_picks_exactly_the_first_maximum():
-    """The plaintext logic of one tournament level, on every tie pattern of
-    a group: the member that wins is the first index of the maximum."""
+    """The plaintext logic of one tournament level: every assignment of the
+    values 0..2 to the members (to the first five, the rest 0, for g = 8),
+    so every tie pattern for g <= 4. The winner is the first index of the max."""
     import itertools
 
     from cryptogen_hf.mpc.ops import _tournament_indices

@@ -39,6 +39,14 @@ _SEC_LEVEL = sealapi.SEC_LEVEL_TYPE.TC128
 DEFAULT_COEFF_MODULUS_BITS = {8192: (54, 54, 54, 56)}
 
 
+def check_coeff_modulus_bits(bits) -> list[int]:
+    """The prime sizes SEAL can make (20..60 bits each), at least two primes
+    (one for data, one for key switching); raises ValueError naming the sizes."""
+    if not isinstance(bits, (list, tuple)) or len(bits) < 2 or any(not isinstance(b, int) or not 20 <= b <= 60 for b in bits):
+        raise ValueError(f"coeff modulus bits must be a list of >= 2 prime sizes in 20..60 bits, got {bits!r}")
+    return list(bits)
+
+
 @dataclass
 class HEParams:
     poly_modulus_degree: int = 8192
@@ -69,9 +77,7 @@ class HEParams:
         bits = bits or DEFAULT_COEFF_MODULUS_BITS.get(n)
         if bits is None:
             return [m.value() for m in sealapi.CoeffModulus.BFVDefault(n, _SEC_LEVEL)]
-        bits = [int(b) for b in bits]
-        if len(bits) < 2 or any(not 20 <= b <= 60 for b in bits):
-            raise ValueError(f"coeff modulus bits must be >= 2 primes of 20..60 bits, got {bits}")
+        bits = check_coeff_modulus_bits(bits)
         # Create() picks distinct primes = 1 mod 2N of exactly these sizes.
         return [m.value() for m in sealapi.CoeffModulus.Create(n, bits)]
 

@@ -22,8 +22,6 @@ they are), so the tuples are exactly those CrypTen's TTP would make.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 
@@ -36,8 +34,6 @@ from crypten.config import cfg  # noqa: E402
 from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
 from crypten.mpc.provider.provider import TupleProvider  # noqa: E402
 from crypten.mpc.provider.ttp_provider import TTPClient, TTPServer  # noqa: E402
-
-log = logging.getLogger(__name__)
 
 PROVIDER_NAME = "CRYPTOGEN_TTP"
 
@@ -179,8 +175,7 @@ class _DealerLoop(TTPServer):
 
     def __init__(self):  # noqa: D401  (TTPServer.__init__ would run CrypTen's loop)
         self.ttp_group = comm.get().ttp_group
-        self.comm_group = comm.get().ttp_comm_group
-        self.device = "cpu"
+        self.device = "cpu"  # read by TTPServer's PRSS helpers
         self._setup_generators()  # one PRG seed per party, as CrypTen's TTP
 
     def serve(self) -> None:
