@@ -26,8 +26,27 @@ installed with ``--no-deps`` (its metadata asks for the dead ``sklearn``
 package) and the packages it imports at load time (onnx, omegaconf, pyyaml)
 are ordinary dependencies in ``pyproject.toml``.
 
-Fails loudly: if crypten is missing, if importing it still fails, or if the
-version is not the one this shim was written for, :func:`import_crypten`
+Cryptographic randomness (the second patch)
+-------------------------------------------
+CrypTen draws every share, zero-sharing, triple and mask from torch
+generators (mt19937), seeded through ``torch.Generator.manual_seed``, which
+keeps only 32 bits of a seed: either party could search the other's seed.
+:func:`_install_secure_randomness` replaces, in every CrypTen module that
+bound them:
+
+- ``generate_random_ring_element`` / ``generate_kbit_random_tensor``
+  (``crypten.common.rng`` and the modules that imported them by name) with
+  versions that draw from :class:`cryptogen_hf.mpc.prg.AESCounterPRG` and
+  REFUSE any other generator (a torch.Generator raises);
+- ``crypten._setup_prng`` (the pairwise "prev"/"next", "local" and "global"
+  generators) with AES-256-CTR generators keyed by 256-bit seeds from the OS,
+  exchanged as bytes; ``crypten.manual_seed`` is disabled;
+- the TTP dealer's seed set-up (``TTPClient``/``TTPServer._setup_generators``)
+  the same way.
+
+Fails loudly: if crypten is missing, if importing it still fails, if the
+version is not the one this shim was written for, or if any function the
+patches replace is not where (or what) they expect, :func:`import_crypten`
 raises :class:`CryptenCompatError` naming the problem and the fix.
 """
 
@@ -129,5 +148,163 @@ def import_crypten():
     for attr in ("init", "cryptensor", "mpc", "communicator"):
         if not hasattr(crypten, attr):
             raise CryptenCompatError(f"crypten imported but lacks crypten.{attr}")
+    _install_secure_randomness(crypten)
     _crypten = crypten
     return crypten
+
+
+# ---------------------------------------------------------------------------
+# Cryptographic randomness for every CrypTen random draw.
+# ---------------------------------------------------------------------------
+# Modules that bind CrypTen's two random-tensor helpers by name (checked: each
+# must hold the ORIGINAL function before the patch, so a CrypTen release that
+# moved or renamed them fails here instead of silently keeping mt19937).
+_RNG_USERS = {
+    "crypten.common.rng": ("generate_random_ring_element", "generate_kbit_random_tensor"),
+    "crypten.mpc.primitives.arithmetic": ("generate_random_ring_element",),
+    "crypten.mpc.primitives.binary": ("generate_kbit_random_tensor",),
+    "crypten.mpc.provider.ttp_provider": ("generate_random_ring_element", "generate_kbit_random_tensor"),
+    "crypten.mpc.provider.tfp_provider": ("generate_random_ring_element", "generate_kbit_random_tensor"),
+}
+_GENERATOR_KINDS = ("prev", "next", "local", "global")
+
+
+class InsecureGeneratorError(TypeError):
+    """A random draw for a share or mask was asked of a non-cryptographic generator."""
+
+
+def _prg_for(crypten, generator, device):
+    import torch
+
+    from cryptogen_hf.mpc.prg import AESCounterPRG
+
+    if device is not None and str(device) != "cpu":
+        raise CryptenCompatError(f"cryptogen_hf runs CrypTen on the CPU only (asked for device {device!r})")
+    if generator is None:
+        # CrypTen's default is the party's "local" generator; before the
+        # session's set-up there is none yet, so make one (local = private).
+        local = crypten.generators["local"]
+        generator = local.get(torch.device("cpu"))
+        if generator is None:
+            generator = local[torch.device("cpu")] = AESCounterPRG()
+    if not isinstance(generator, AESCounterPRG):
+        raise InsecureGeneratorError(
+            f"CrypTen asked for randomness from {type(generator).__name__}; only the AES-CTR PRG "
+            f"(cryptogen_hf.mpc.prg.AESCounterPRG) may make shares and masks"
+        )
+    return generator
+
+
+def _install_secure_randomness(crypten) -> None:
+    for module_name, names in _RNG_USERS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            fn = getattr(module, name, None)
+            if fn is None or getattr(fn, "__module__", None) != "crypten.common.rng":
+                raise CryptenCompatError(
+                    f"{module_name}.{name} is not CrypTen's random-tensor helper; the randomness patch "
+                    f"in cryptogen_hf/crypten_compat.py no longer matches this CrypTen"
+                )
+
+    def generate_random_ring_element(size, ring_size=(2**64), generator=None, **kwargs):
+        if ring_size != 2**64:
+            raise CryptenCompatError(f"random ring elements are only made for the ring 2**64, not {ring_size}")
+        return _prg_for(crypten, generator, kwargs.get("device")).ring_elements(size)
+
+    def generate_kbit_random_tensor(size, bitlength=None, generator=None, **kwargs):
+        bitlength = 64 if bitlength is None else int(bitlength)
+        return _prg_for(crypten, generator, kwargs.get("device")).kbit(size, bitlength)
+
+    replacements = {
+        "generate_random_ring_element": generate_random_ring_element,
+        "generate_kbit_random_tensor": generate_kbit_random_tensor,
+    }
+    for module_name, names in _RNG_USERS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, replacements[name])
+
+    if set(getattr(crypten, "generators", {})) != set(_GENERATOR_KINDS) or not hasattr(crypten, "_setup_prng"):
+        raise CryptenCompatError("crypten.generators / crypten._setup_prng are not what the randomness patch expects")
+    crypten._setup_prng = _setup_prng
+    crypten.manual_seed = _refuse_manual_seed
+
+    from crypten.mpc.provider import ttp_provider
+
+    client_core = getattr(ttp_provider.TTPClient, "_TTPClient__TTPClient", None)
+    if client_core is None or not hasattr(client_core, "_setup_generators") or not hasattr(ttp_provider.TTPServer, "_setup_generators"):
+        raise CryptenCompatError("CrypTen's TTPClient/TTPServer no longer have _setup_generators; the randomness patch does not apply")
+    client_core._setup_generators = _ttp_client_setup_generators
+    ttp_provider.TTPServer._setup_generators = _ttp_server_setup_generators
+
+
+def _seed_tensor(seed: bytes):
+    import torch
+
+    return torch.frombuffer(bytearray(seed), dtype=torch.uint8).clone()
+
+
+def _setup_prng():
+    """crypten._setup_prng with AES-CTR generators and 256-bit seeds.
+
+    "next" is shared with the next rank (we send it), "prev" with the previous
+    rank (we receive it), "global" with everyone (rank 0's), "local" is ours
+    alone. Two parties: each pairwise seed is known to exactly both parties,
+    which is what the pseudo-random zero-sharings need."""
+    import crypten
+    import crypten.communicator as comm
+    import torch
+
+    from cryptogen_hf.mpc.prg import SEED_BYTES, AESCounterPRG, new_seed
+
+    world_size = comm.get().get_world_size()
+    rank = comm.get().get_rank()
+    next_seed = _seed_tensor(new_seed())
+    prev_seed = _seed_tensor(bytes(SEED_BYTES))
+    if world_size >= 2:
+        send = comm.get().isend(next_seed, (rank + 1) % world_size)
+        recv = comm.get().irecv(prev_seed, src=(rank - 1) % world_size)
+        send.wait()
+        recv.wait()
+    else:
+        prev_seed = next_seed
+    global_seed = comm.get().broadcast(_seed_tensor(new_seed()), 0)
+    seeds = {"prev": prev_seed, "next": next_seed, "global": global_seed}
+    for kind in _GENERATOR_KINDS:
+        crypten.generators[kind].clear()
+        seed = new_seed() if kind == "local" else bytes(seeds[kind].tolist())
+        crypten.generators[kind][torch.device("cpu")] = AESCounterPRG(seed)  # CrypTen keys by device
+
+
+def _refuse_manual_seed(*args, **kwargs):
+    raise CryptenCompatError("crypten.manual_seed is disabled: every CrypTen seed is a 256-bit seed from the OS")
+
+
+def _ttp_client_setup_generators(self):
+    """A party's side of the TTP seed: 32 bytes from the dealer, AES-CTR PRG."""
+    import crypten.communicator as comm
+    import torch.distributed as dist
+
+    from cryptogen_hf.mpc.prg import SEED_BYTES, AESCounterPRG
+
+    seed = _seed_tensor(bytes(SEED_BYTES))
+    dist.irecv(tensor=seed, src=comm.get().get_ttp_rank(), group=self.ttp_group).wait()
+    dist.barrier(group=self.ttp_group)
+    self.generator = AESCounterPRG(bytes(seed.tolist()))
+    self.generator_cuda = None
+
+
+def _ttp_server_setup_generators(self):
+    """The dealer's side: an independent 256-bit OS seed per party."""
+    import crypten.communicator as comm
+    import torch.distributed as dist
+
+    from cryptogen_hf.mpc.prg import AESCounterPRG, new_seed
+
+    seeds = [new_seed() for _ in range(comm.get().get_world_size())]
+    requests = [dist.isend(tensor=_seed_tensor(s), dst=i, group=self.ttp_group) for i, s in enumerate(seeds)]
+    self.generators = [AESCounterPRG(s) for s in seeds]
+    self.generators_cuda = [None for _ in seeds]
+    for r in requests:
+        r.wait()
+    dist.barrier(group=self.ttp_group)
