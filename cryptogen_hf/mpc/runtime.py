@@ -54,12 +54,14 @@ requests; it still exits at once when a party's socket closes.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
-import multiprocessing
 import os
 import pickle
-import queue as queue_module
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -81,7 +83,9 @@ DEALER = "dealer"
 PARTY_ROLES = (SERVER, CLIENT)
 _PARTY_RANKS = {SERVER: 0, CLIENT: 1}
 WORLD_SIZE = 2  # the number of computing parties; the TTP dealer is extra
-DEALER_MODES = ("ttp", "client")
+# "none": the two parties make every correlation themselves (mpc/two_party.py), the default;
+# "ttp": a third process deals them; "client": the client deals (it then sees every activation).
+DEALER_MODES = ("none", "ttp", "client")
 
 # Name under which ClientDealerProvider is registered in CrypTen's config.
 _CLIENT_DEALER_PROVIDER = "CRYPTOGEN_CLIENT_DEALER"
@@ -109,7 +113,9 @@ def role_of(rank: int) -> str:
 class MPCConfig:
     """How the parties meet. Must be identical in every process of a session.
 
-    dealer: "ttp" (third process deals the triples, default) or "client".
+    dealer: "none" (the two parties make the triples with HE, default), "ttp"
+        (a third process deals them) or "client" (the client deals: it then
+        sees every activation, so the weights are as good as public).
     host, port: TCP rendezvous (torch.distributed's store is hosted by rank 0,
         the server). port=0 is allowed only with :func:`launch_local`, which
         picks a free port.
@@ -119,7 +125,7 @@ class MPCConfig:
     torch_threads: intra-op threads per process (None: leave torch's default).
     """
 
-    dealer: str = "ttp"
+    dealer: str = "none"
     host: str = "127.0.0.1"
     port: int = 0
     timeout_s: float = 60.0
@@ -262,17 +268,22 @@ def _select_provider(config: MPCConfig) -> None:
     crypten = import_crypten()
     from crypten.config import cfg
 
-    if config.uses_ttp:
+    providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+    if config.dealer == "none":
+        from . import two_party
+
+        # A fresh provider per session: it holds this session's HE keys.
+        providers[two_party.PROVIDER_NAME] = two_party.TwoPartyProvider()
+        cfg.mpc.provider = two_party.PROVIDER_NAME
+    elif config.uses_ttp:
         from . import dealer
 
-        providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
         if dealer.PROVIDER_NAME not in providers:
             providers[dealer.PROVIDER_NAME] = dealer.DealerProcessProvider()
         cfg.mpc.provider = dealer.PROVIDER_NAME
     else:
         # crypten.mpc keeps its providers in a module-level dict that
         # get_default_provider() indexes with cfg.mpc.provider.
-        providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
         if _CLIENT_DEALER_PROVIDER not in providers:
             providers[_CLIENT_DEALER_PROVIDER] = _make_client_dealer_provider(rank_of(CLIENT))
         cfg.mpc.provider = _CLIENT_DEALER_PROVIDER
@@ -404,6 +415,8 @@ def init_party(role: str, config: MPCConfig) -> None:
         crypten._setup_prng()
         if config.uses_ttp:
             crypten.mpc.provider.ttp_provider.TTPClient._init()
+        elif config.dealer == "none":
+            correlation_provider().setup(rank_of(role))
     except RuntimeError as exc:
         raise translate_peer_error(exc) from exc
 
@@ -413,9 +426,6 @@ def run_dealer(config: MPCConfig) -> None:
     server sends CrypTen's "terminate" message or a party disconnects."""
     if not config.uses_ttp:
         raise ValueError("run_dealer is only for dealer='ttp'")
-    # CrypTen's TTPServer seeds the per-party PRGs with torch's global RNG;
-    # seed that from the OS so the seeds are not predictable by the parties.
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     _connect(DEALER, config, config.dealer_idle_timeout_s)
     from .dealer import serve_dealer
 
@@ -452,6 +462,11 @@ def shutdown() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     _state.clear()
+
+
+def correlation_provider():
+    """The tuple provider of the current session (CrypTen's, as configured)."""
+    return import_crypten().mpc.get_default_provider()
 
 
 def current_role() -> str | None:
@@ -532,7 +547,7 @@ def translate_peer_error(exc: BaseException) -> BaseException:
 
 
 # --------------------------------------------------------------------------
-# launch_local: server + client (+ dealer) as spawned OS processes.
+# launch_local: server + client (+ dealer) as programs of their own.
 # --------------------------------------------------------------------------
 def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on host (small race: it is released here)."""
@@ -541,42 +556,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _report(result_queue, message) -> None:
-    # Pickle here with plain pickle: multiprocessing's pickler would send
-    # torch tensors as shared-memory handles, which die with this process.
-    result_queue.put(pickle.dumps(message))
-    # Make sure the message is flushed before the process exits.
-    result_queue.close()
-    result_queue.join_thread()
+def _write_result(path: str, message) -> None:
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(message, f)
+    os.replace(path + ".tmp", path)  # the parent never reads a half-written file
 
 
-def _party_main(role, fn, config, args, result_queue):
+def child_main(job_path: str, result_path: str) -> None:
+    """Body of one launch_local child (``python -m cryptogen_hf.mpc.child``):
+    import the job's function by name, join the session, run, write the result."""
+    with open(job_path, "rb") as f:
+        role, module_name, qualname, config, args = pickle.load(f)
     try:
+        if role == DEALER:
+            run_dealer(config)
+            _write_result(result_path, ("ok", None))
+            return
+        fn = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
         init_party(role, config)
         try:
             value = fn(role, *args)
         except BaseException as exc:  # noqa: BLE001 (reported to the parent)
             raise translate_peer_error(exc) from exc
         shutdown()
-        _report(result_queue, ("ok", role, value))
+        _write_result(result_path, ("ok", value))
     except BaseException as exc:  # noqa: BLE001
-        _report(
-            result_queue,
-            ("error", role, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
-        )
+        _write_result(result_path, ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         os._exit(1)  # do not wait in torch.distributed teardown with a dead peer
-
-
-def _dealer_main(config, result_queue):
-    try:
-        run_dealer(config)
-        _report(result_queue, ("ok", DEALER, None))
-    except BaseException as exc:  # noqa: BLE001
-        _report(
-            result_queue,
-            ("error", DEALER, f"{type(exc).__name__}: {exc}", traceback.format_exc()),
-        )
-        os._exit(1)
 
 
 def launch_local(
@@ -586,81 +594,85 @@ def launch_local(
     *,
     wall_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Run ``fn(role, *args)`` as "server" and "client" in two spawned
+    """Run ``fn(role, *args)`` as "server" and "client" in two new OS
     processes (plus the TTP dealer process in ttp mode) on loopback.
 
-    ``fn`` must be importable (module level). Returns
+    Each child is a program of its own (``python -m cryptogen_hf.mpc.child``)
+    that imports ``fn`` by module and name, so nothing re-runs the caller's
+    ``__main__`` (multiprocessing's spawn would, and an unguarded script
+    would then start itself again). ``fn`` must therefore live in an
+    importable module, and ``args`` must pickle. Returns
     ``{"server": value, "client": value}``. If a child raises or dies, raises
     :class:`MPCLaunchError` with every failed child's traceback text; after
     ``wall_timeout_s`` (or ``config.timeout_s + 10`` s after the first
     failure) every remaining child is killed.
     """
+    if fn.__module__ == "__main__":
+        raise ValueError(
+            "launch_local runs fn in new programs that import it by name: define it in an importable "
+            "module, not in the script being run"
+        )
     if config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
-    ctx = multiprocessing.get_context("spawn")
-    result_queue = ctx.Queue()
-    procs: dict[str, multiprocessing.process.BaseProcess] = {}
-    for role in PARTY_ROLES:
-        procs[role] = ctx.Process(
-            target=_party_main, args=(role, fn, config, args, result_queue), name=f"mpc-{role}"
-        )
-    if config.uses_ttp:
-        procs[DEALER] = ctx.Process(target=_dealer_main, args=(config, result_queue), name="mpc-dealer")
-    for p in procs.values():
-        p.daemon = True
-        p.start()
-
+    roles = list(PARTY_ROLES) + ([DEALER] if config.uses_ttp else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}  # role -> description, in order of arrival
-    dead_since: dict[str, float] = {}
-    deadline = time.monotonic() + wall_timeout_s
-    try:
-        while True:
-            pending = [r for r in procs if r not in results and r not in failures]
-            parties_pending = [r for r in pending if r in PARTY_ROLES]
-            if not parties_pending:
-                break
-            now = time.monotonic()
-            if now > deadline:
-                for r in parties_pending:
-                    failures[r] = f"{r}: killed after the launch time limit"
-                break
-            try:
-                msg = pickle.loads(result_queue.get(timeout=0.2))
-            except queue_module.Empty:
-                msg = None
-            if msg is not None:
-                if msg[0] == "ok":
-                    results[msg[1]] = msg[2]
-                else:
-                    _, role, summary, tb = msg
-                    failures[role] = f"{role}: {summary}\n--- {role} traceback ---\n{tb}"
+    with tempfile.TemporaryDirectory(prefix="cryptogen-launch-") as tmp:
+        procs: dict[str, subprocess.Popen] = {}
+        result_paths = {}
+        for role in roles:
+            job_path = os.path.join(tmp, f"{role}.job")
+            result_paths[role] = os.path.join(tmp, f"{role}.result")
+            with open(job_path, "wb") as f:
+                pickle.dump((role, fn.__module__, fn.__qualname__, config, tuple(args)), f)
+            procs[role] = subprocess.Popen(
+                [sys.executable, "-m", "cryptogen_hf.mpc.child", job_path, result_paths[role]], env=env
+            )
+        deadline = time.monotonic() + wall_timeout_s
+        try:
+            while True:
+                pending = [r for r in roles if r not in results and r not in failures]
+                if not [r for r in pending if r in PARTY_ROLES]:
+                    break
+                if time.monotonic() > deadline:
+                    for r in pending:
+                        if r in PARTY_ROLES:
+                            failures[r] = f"{r}: killed after the launch time limit"
+                    break
+                time.sleep(0.05)
+                for r in pending:
+                    code = procs[r].poll()
+                    if code is None:
+                        continue
+                    if os.path.exists(result_paths[r]):
+                        with open(result_paths[r], "rb") as f:
+                            message = pickle.load(f)
+                        if message[0] == "ok":
+                            results[r] = message[1]
+                            continue
+                        _, summary, tb = message
+                        failures[r] = f"{r}: {summary}\n--- {r} traceback ---\n{tb}"
+                    else:
+                        failures[r] = f"{r}: process exited with code {code} without a result"
                     # The survivors will notice within their own timeout.
                     deadline = min(deadline, time.monotonic() + config.timeout_s + 10)
-                continue
-            # A child that exited without reporting (killed, segfault...).
-            for r in pending:
-                if not procs[r].is_alive():
-                    first = dead_since.setdefault(r, now)
-                    if now - first > 1.0:  # grace period for a queued message
-                        failures[r] = f"{r}: process exited with code {procs[r].exitcode} without a result"
-                        deadline = min(deadline, time.monotonic() + config.timeout_s + 10)
-        # Give the dealer a moment to see "terminate" and exit cleanly.
-        if DEALER in procs and not failures:
-            procs[DEALER].join(timeout=5)
-    finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.kill()
-        for p in procs.values():
-            p.join(timeout=5)
-        result_queue.close()
+            # Give the dealer a moment to see "terminate" and exit cleanly.
+            if DEALER in procs and not failures:
+                try:
+                    procs[DEALER].wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                p.wait(timeout=5)
 
-    party_failures = {r: f for r, f in failures.items() if r in PARTY_ROLES or r == DEALER}
-    if party_failures:
+    if failures:
         raise MPCLaunchError(
-            "MPC launch failed:\n" + "\n".join(party_failures.values()),
+            "MPC launch failed:\n" + "\n".join(failures.values()),
             results=results,
-            failures=party_failures,
+            failures=failures,
         )
     return {r: results[r] for r in PARTY_ROLES}

@@ -1,0 +1,319 @@
+"""Cross products by HE: the two-party source of Beaver triples (no dealer).
+
+Every correlation CrypTen consumes (arithmetic triples, squares, binary AND
+triples, B2A bits) is a sum of terms each party computes alone plus the
+cross term ``x0*y1 + x1*y0``, where the server holds (x0, y0) and the client
+(x1, y1). This module computes additive shares mod 2**64 of that cross term,
+elementwise, with BFV:
+
+    client -> server   Enc(x1), Enc(y1)                     (its own key)
+    server -> client   Enc(x1*y0 + y1*x0 + R), re-randomised and noise-flooded
+    client             z = decryption;  share_client = z mod 2**64
+    server             share_server = -R mod 2**64
+
+Two widths:
+
+- ``wide`` (x, y any 64-bit words, read as unsigned): the cross term is < 2**129
+  and R is uniform below 2**(log2 T - 1), T the product of four 45-bit
+  batching primes (CRT, one context per prime): z = w + R never wraps mod T,
+  and z hides w up to statistical distance 2**129 / 2**179 = 2**-50.
+- ``narrow`` (x, y bits): w <= 2, one prime, R uniform below 2**44:
+  statistical distance below 3 * 2**-44. Used for AND triples (the parity of
+  the shares is an XOR sharing of w mod 2) and B2A bits.
+
+Circuit privacy (what the client learns from the ciphertext it decrypts,
+beyond the plaintext): the result's c1 and its noise would otherwise be
+deterministic functions of the server's x0, y0 and of the client's own
+encryption randomness. The server therefore (1) adds a fresh public-key
+encryption of R, which re-randomises both polynomials, and (2) adds to c0
+noise uniform in [-2**b, 2**b) with 2**b = Delta / 2**FLOOD_MARGIN_BITS
+(Delta = q/t): the noise the products leave is at least 2**64 times smaller
+(measured: tests/test_two_party.py), so the decrypted noise is within
+statistical distance N * 2**-64 of the flooding distribution, whatever x0, y0.
+
+The ciphertexts travel as raw coefficient arrays (uint64, no serialisation
+format to parse); the receiver checks every coefficient is below its prime.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal.sealapi as sealapi
+
+from .keys import CiphertextError, _load_into, _save_bytes
+from .params import HEParams
+
+STATISTICAL_BITS = 40  # every mask hides its value up to 2**-40 or better (checked below)
+FLOOD_MARGIN_BITS = 6  # flooding noise stays 2**6 below Delta: decryption stays exact
+
+
+@dataclass(frozen=True)
+class OLEParams:
+    """Ring and moduli of the cross-product HE (separate from the model's HE)."""
+
+    poly_modulus_degree: int = 8192
+    # No key switching happens here, so the last (special) prime can be small.
+    coeff_modulus_bits: tuple = (60, 60, 60, 38)
+    plain_bits: int = 45
+    n_primes: int = 4
+
+    def he_params(self) -> list[HEParams]:
+        primes = [m.value() for m in sealapi.PlainModulus.Batching(self.poly_modulus_degree, [self.plain_bits] * self.n_primes)]
+        coeff = [m.value() for m in sealapi.CoeffModulus.Create(self.poly_modulus_degree, list(self.coeff_modulus_bits))]
+        params = [HEParams(poly_modulus_degree=self.poly_modulus_degree, plain_modulus=t, coeff_modulus=coeff) for t in primes]
+        product = 1
+        for t in primes:
+            product *= t
+        if product.bit_length() - 2 - 129 < STATISTICAL_BITS + 8:
+            raise ValueError(f"cross-product moduli of {product.bit_length()} bits leave less than {STATISTICAL_BITS} statistical bits")
+        return params
+
+
+# ---------------------------------------------------------------------------
+# uint64 arithmetic mod primes below 2**62 (numpy has no 128-bit integers)
+# ---------------------------------------------------------------------------
+def mulmod(a: np.ndarray, b, m: int) -> np.ndarray:
+    """a * b mod m for uint64 arrays with a, b < m < 2**62.
+
+    The quotient comes from 64-bit-mantissa long doubles (off by at most 1);
+    the remainder is computed exactly in wrapping uint64 arithmetic and
+    corrected into [0, m)."""
+    a = np.asarray(a, dtype=np.uint64)
+    b = np.asarray(b, dtype=np.uint64)
+    q = np.floor(a.astype(np.longdouble) * b.astype(np.longdouble) / np.longdouble(m)).astype(np.uint64)
+    r = (a * b - q * np.uint64(m)).view(np.int64)
+    r = np.where(r < 0, r + np.int64(m), r)
+    r = np.where(r >= m, r - np.int64(m), r)
+    return r.astype(np.uint64)
+
+
+def limbs_mod(limbs: list[np.ndarray], m: int) -> np.ndarray:
+    """(sum_k limbs[k] * 2**(64k)) mod m, limbs as uint64 arrays."""
+    out = np.zeros_like(limbs[0])
+    for k, limb in enumerate(limbs):
+        term = mulmod(limb % np.uint64(m), np.uint64(pow(2, 64 * k, m)), m)
+        out = (out + term) % np.uint64(m)
+    return out
+
+
+def _if_np_has_longdouble_precision() -> None:
+    if np.finfo(np.longdouble).nmant < 63:
+        raise RuntimeError("cross products need 64-bit-mantissa long doubles (x86-64); this platform has fewer bits")
+
+
+_if_np_has_longdouble_precision()
+
+
+# ---------------------------------------------------------------------------
+# Ciphertexts: SEAL's own serialisation; a noise-only ciphertext built raw
+# ---------------------------------------------------------------------------
+_SEAL_MAGIC = b"\x5e\xa1\x10"  # SEALHeader: magic 0xA15E, header size 16
+
+
+def _seal_header(version: bytes, total_size: int) -> bytes:
+    # magic, header size, version major/minor, compression none, reserved, total size
+    return _SEAL_MAGIC + version + b"\x00\x00\x00" + struct.pack("<Q", total_size)
+
+
+class _PrimeContext:
+    """One batching prime t: its SEAL context, encoder and evaluator."""
+
+    def __init__(self, params: HEParams):
+        self.params = params
+        self.t = params.plain_modulus
+        self.context = params.make_context()
+        self.parms_id = self.context.first_parms_id()
+        self.encoder = sealapi.BatchEncoder(self.context)
+        self.evaluator = sealapi.Evaluator(self.context)
+        self.n = params.slot_count
+        self.q_primes = [m.value() for m in self.context.first_context_data().parms().coeff_modulus()]
+        q = 1
+        for p in self.q_primes:
+            q *= p
+        self.delta_bits = (q // self.t).bit_length() - 1  # floor(log2 Delta)
+        self._seal_version = None
+
+    def encode(self, values: np.ndarray) -> sealapi.Plaintext:
+        pt = sealapi.Plaintext()
+        self.encoder.encode((values % np.uint64(self.t)).tolist(), pt)
+        return pt
+
+    def save(self, ct) -> bytes:
+        return _save_bytes(ct)
+
+    def load(self, blob: bytes):
+        """A two-polynomial ciphertext at the data level of this context, validated."""
+        try:
+            ct = _load_into(sealapi.Ciphertext(), self.context, bytes(blob))
+        except Exception as exc:  # SEAL raises on bad headers, sizes, decompression
+            raise CiphertextError(f"malformed cross-product ciphertext ({len(blob)} bytes): {exc}") from exc
+        if ct.size() != 2 or ct.parms_id() != self.parms_id or not sealapi.is_valid_for(ct, self.context):
+            raise CiphertextError("cross-product ciphertext is not valid for its parameters")
+        return ct
+
+    def noise_ciphertext(self, c0_words: np.ndarray):
+        """The ciphertext (e, 0): adding it to ct adds e to ct's c0 and nothing
+        else. Built in SEAL's uncompressed format (Ciphertext::save_members:
+        parms_id, is_ntt_form, size, N, #primes, scale, correction factor, then
+        the coefficient array with its own header), which SEAL's load checks."""
+        if self._seal_version is None:
+            probe = sealapi.Ciphertext(self.context, self.parms_id, 2)
+            self._seal_version = _save_bytes(probe)[3:5]
+        k = len(self.q_primes)
+        words = np.zeros((2, k, self.n), dtype="<u8")
+        words[0] = c0_words
+        data = words.tobytes()
+        array = _seal_header(self._seal_version, 16 + 8 + len(data)) + struct.pack("<Q", words.size) + data
+        body = (
+            struct.pack("<4Q", *self.parms_id) + b"\x00" + struct.pack("<3Q", 2, self.n, k)
+            + struct.pack("<d", 1.0) + struct.pack("<Q", 1) + array
+        )
+        return self.load(_seal_header(self._seal_version, 16 + len(body)) + body)
+
+
+def _chunks(n: int, slots: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + slots)) for s in range(0, n, slots)]
+
+
+class OLEClient:
+    """The client's side: owns the secret keys (one per prime), encrypts its
+    operands, decrypts the server's answers and recombines them."""
+
+    def __init__(self, params: OLEParams | None = None):
+        self.params = params or OLEParams()
+        self.primes = [_PrimeContext(p) for p in self.params.he_params()]
+        self._keys = []
+        for pc in self.primes:
+            keygen = sealapi.KeyGenerator(pc.context)
+            public_key = sealapi.PublicKey()
+            keygen.create_public_key(public_key)
+            self._keys.append(
+                (public_key, sealapi.Encryptor(pc.context, public_key), sealapi.Decryptor(pc.context, keygen.secret_key()))
+            )
+        moduli = [pc.t for pc in self.primes]
+        self._T = int(np.prod([int(t) for t in moduli], dtype=object))
+        # CRT constants: u_j = y_j * (T/t_j)^-1 mod t_j; z = sum u_j (T/t_j) - k T.
+        self._crt_inv = [pow(self._T // t, -1, t) for t in moduli]
+        self._crt_m_low = [np.uint64((self._T // t) % 2**64) for t in moduli]
+        self._t_low = np.uint64(self._T % 2**64)
+
+    def public_keys(self) -> list[bytes]:
+        return [_save_bytes(pk) for pk, _, _ in self._keys]
+
+    def n_primes(self, wide: bool) -> int:
+        return len(self.primes) if wide else 1
+
+    def encrypt(self, x: np.ndarray, y: np.ndarray, wide: bool) -> list[bytes]:
+        """Enc(x), Enc(y) per chunk of N slots and per prime (x, y: uint64)."""
+        out = []
+        for start, stop in _chunks(x.size, self.primes[0].n):
+            for pc, (_, encryptor, _) in zip(self.primes[: self.n_primes(wide)], self._keys):
+                for operand in (x, y):
+                    ct = sealapi.Ciphertext()
+                    encryptor.encrypt(pc.encode(operand[start:stop]), ct)
+                    out.append(pc.save(ct))
+        return out
+
+    def decrypt(self, blobs: list[bytes], n: int, wide: bool) -> np.ndarray:
+        """The client's share (uint64, mod 2**64) of the cross term."""
+        k = self.n_primes(wide)
+        chunks = _chunks(n, self.primes[0].n)
+        if len(blobs) != len(chunks) * k:
+            raise CiphertextError(f"expected {len(chunks) * k} cross-product results, got {len(blobs)}")
+        share = np.empty(n, dtype=np.uint64)
+        for c, (start, stop) in enumerate(chunks):
+            residues = []
+            for j, pc in enumerate(self.primes[:k]):
+                pt = sealapi.Plaintext()
+                self._keys[j][2].decrypt(pc.load(blobs[c * k + j]), pt)
+                residues.append(np.asarray(pc.encoder.decode_uint64(pt), dtype=np.uint64)[: stop - start])
+            share[start:stop] = self._recombine(residues) if wide else residues[0]
+        return share
+
+    def _recombine(self, residues: list[np.ndarray]) -> np.ndarray:
+        """CRT: the integer z in [0, T) with these residues, reduced mod 2**64.
+        z < T/2 + 2**129 by construction, so k = floor(sum u_j / t_j) is far
+        from a rounding boundary in float64."""
+        acc = np.zeros(residues[0].size, dtype=np.uint64)
+        frac = np.zeros(residues[0].size, dtype=np.float64)
+        for y, pc, inv, m_low in zip(residues, self.primes, self._crt_inv, self._crt_m_low):
+            u = mulmod(y, np.uint64(inv), pc.t)
+            acc = acc + u * m_low  # wraps mod 2**64, as intended
+            frac += u.astype(np.float64) / float(pc.t)
+        k = np.floor(frac).astype(np.uint64)
+        return acc - k * self._t_low
+
+    def noise_budget(self, blob: bytes, prime: int = 0) -> int:
+        """For tests: the invariant noise budget of one result ciphertext."""
+        return self._keys[prime][2].invariant_noise_budget(self.primes[prime].load(blob))
+
+
+class OLEServer:
+    """The server's side: public keys only; multiplies, masks, re-randomises, floods."""
+
+    def __init__(self, public_keys: list[bytes], params: OLEParams | None = None):
+        self.params = params or OLEParams()
+        self.primes = [_PrimeContext(p) for p in self.params.he_params()]
+        if len(public_keys) != len(self.primes):
+            raise CiphertextError(f"expected {len(self.primes)} cross-product public keys, got {len(public_keys)}")
+        self._encryptors = []
+        for pc, blob in zip(self.primes, public_keys):
+            try:
+                pk = _load_into(sealapi.PublicKey(), pc.context, bytes(blob))
+            except Exception as exc:  # SEAL raises on any malformed key
+                raise CiphertextError(f"malformed cross-product public key: {exc}") from exc
+            if not sealapi.is_valid_for(pk, pc.context):
+                raise CiphertextError("cross-product public key is not valid for its parameters")
+            self._encryptors.append(sealapi.Encryptor(pc.context, pk))
+        self._T = int(np.prod([pc.t for pc in self.primes], dtype=object))
+        self.mask_bits_wide = self._T.bit_length() - 2  # R < 2**(log2 T - 1): z < T/2 + w
+        self.mask_bits_narrow = self.primes[0].t.bit_length() - 2  # R < 2**44 < t - 3
+
+    def n_primes(self, wide: bool) -> int:
+        return len(self.primes) if wide else 1
+
+    def evaluate(self, blobs: list[bytes], x0: np.ndarray, y0: np.ndarray, wide: bool, prg, flood: bool = True):
+        """Enc(x1) * y0 + Enc(y1) * x0 + Enc(R), flooded. Returns (result
+        ciphertexts, the server's share -R mod 2**64). ``prg``: the server's
+        AESCounterPRG. ``flood=False`` exists only for the tests' control."""
+        n = x0.size
+        k = self.n_primes(wide)
+        chunks = _chunks(n, self.primes[0].n)
+        if len(blobs) != len(chunks) * k * 2:
+            raise CiphertextError(f"expected {len(chunks) * k * 2} cross-product ciphertexts, got {len(blobs)}")
+        R = self._uniform_limbs(prg, n, self.mask_bits_wide if wide else self.mask_bits_narrow)
+        out = []
+        for c, (start, stop) in enumerate(chunks):
+            for j, pc in enumerate(self.primes[:k]):
+                ct = pc.load(blobs[(c * k + j) * 2])
+                ct_y = pc.load(blobs[(c * k + j) * 2 + 1])
+                pc.evaluator.multiply_plain_inplace(ct, pc.encode(y0[start:stop]))
+                pc.evaluator.multiply_plain_inplace(ct_y, pc.encode(x0[start:stop]))
+                pc.evaluator.add_inplace(ct, ct_y)
+                fresh = sealapi.Ciphertext()
+                self._encryptors[j].encrypt(pc.encode(limbs_mod([r[start:stop] for r in R], pc.t)), fresh)
+                pc.evaluator.add_inplace(ct, fresh)  # re-randomises c0 and c1, adds R
+                if flood:
+                    pc.evaluator.add_inplace(ct, self._flooding_noise(pc, prg))
+                out.append(pc.save(ct))
+        return out, np.uint64(0) - R[0]  # -R mod 2**64 is minus R's low limb
+
+    @staticmethod
+    def _uniform_limbs(prg, n: int, bits: int) -> list[np.ndarray]:
+        """n integers uniform in [0, 2**bits), as 64-bit limbs (least significant first)."""
+        n_limbs = -(-bits // 64)
+        limbs = [prg.kbit((n,), 64).numpy().view(np.uint64) for _ in range(n_limbs)]
+        top = bits - 64 * (n_limbs - 1)
+        if top < 64:
+            limbs[-1] = limbs[-1] & np.uint64((1 << top) - 1)
+        return limbs
+
+    def _flooding_noise(self, pc: _PrimeContext, prg):
+        """(e, 0) with e uniform in [-2**b, 2**b), b = log2(Delta) - FLOOD_MARGIN_BITS."""
+        bits = pc.delta_bits - FLOOD_MARGIN_BITS
+        E = self._uniform_limbs(prg, pc.n, bits + 1)
+        c0 = np.stack([(limbs_mod(E, q) + np.uint64(q - pow(2, bits, q))) % np.uint64(q) for q in pc.q_primes])
+        return pc.noise_ciphertext(c0)
