@@ -3,7 +3,7 @@
     cryptogen serve --model PATH [--host H] [--port P] [--config NAME_OR_PATH]
     cryptogen generate --model PATH | --server HOST:PORT --prompt TEXT [--max-new-tokens N]
     cryptogen eval --data FILE [--model PATH] [--secure [--max-tokens N --window W --stride S]]
-    cryptogen bench [--model PATH] [--contexts 32 64 ...] [--dealer client] [--out FILE.json]
+    cryptogen bench [--model PATH] [--contexts 32 64 ...] [--client-dealer-weights-public] [--out FILE.json]
     cryptogen finetune --model PATH --train-file FILE --output-dir DIR [--max-steps N ...]
 
 ``cryptogen COMMAND --help`` describes each. User errors (a missing model

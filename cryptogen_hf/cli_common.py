@@ -58,16 +58,18 @@ def positive_float(text: str) -> float:
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config and --dealer: the secure session's settings."""
+    """--config and --client-dealer: the secure session's settings."""
     parser.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path (default: configs/default.yaml)")
-    parser.add_argument("--dealer", choices=["ttp", "client"], default=None,
-                        help="override the config's mpc.dealer (client: faster, the client could learn about the weights)")
+    parser.add_argument("--client-dealer-weights-public", dest="client_dealer", action="store_true",
+                        help="the client deals the MPC triples (faster) and so sees every activation: "
+                             "only for models whose weights are public; both sides must say so")
 
 
 def settings_from_args(args):
     from .config import load_config
 
     settings = load_config(args.config)
-    if args.dealer:
-        settings.mpc.dealer = args.dealer
-    return settings
+    if args.client_dealer:
+        settings.mpc.dealer = "client"
+        settings.mpc.client_sees_activations = True
+    return settings.validate()

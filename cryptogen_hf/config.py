@@ -34,9 +34,19 @@ class FixedPointSettings:
     weight_bits: int = 14
 
 
+# Who makes CrypTen's correlated randomness in a session (mpc/runtime.py):
+#   none   - the two parties alone, with HE (mpc/two_party.py); the default
+#   client - the client deals: it then sees every activation, so the weights
+#            are as good as public; allowed only with client_sees_activations
+SESSION_DEALERS = ("none", "client")
+
+
 @dataclass
 class MPCSettings:
-    dealer: str = "ttp"
+    dealer: str = "none"
+    # Must be true, on both sides, for dealer "client": it says that the client
+    # learns every activation and can fit the weights from them.
+    client_sees_activations: bool = False
     reveal: str = "logits"
 
 
@@ -61,8 +71,19 @@ class CryptoGenConfig:
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
 
     def validate(self) -> "CryptoGenConfig":
-        if self.mpc.dealer not in ("ttp", "client"):
-            raise ConfigError(f"mpc.dealer must be 'ttp' or 'client', got {self.mpc.dealer!r}")
+        if self.mpc.dealer == "ttp":
+            raise ConfigError(
+                "mpc.dealer 'ttp' is not available in sessions: a trusted dealer must run on a third host that "
+                "neither party controls, and there is no such service yet. Use 'none' (the default): the two "
+                "parties make the correlated randomness themselves."
+            )
+        if self.mpc.dealer not in SESSION_DEALERS:
+            raise ConfigError(f"mpc.dealer must be one of {SESSION_DEALERS}, got {self.mpc.dealer!r}")
+        if self.mpc.dealer == "client" and self.mpc.client_sees_activations is not True:
+            raise ConfigError(
+                "mpc.dealer 'client' lets the client see every activation, from which it can fit the model's "
+                "weights; set mpc.client_sees_activations: true (on both sides) only if the weights are public"
+            )
         if self.mpc.reveal not in ("logits", "token"):
             raise ConfigError(f"mpc.reveal must be 'logits' or 'token', got {self.mpc.reveal!r}")
         if self.cache.prefill_layout not in ("auto", "outer", "inner"):

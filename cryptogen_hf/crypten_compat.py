@@ -44,6 +44,11 @@ bound them:
 - the TTP dealer's seed set-up (``TTPClient``/``TTPServer._setup_generators``)
   the same way.
 
+Comparisons (the third patch): ``MPCTensor._ltz``, under every CrypTen
+comparison, computes only the top bit of the sum of the two shares
+(:mod:`cryptogen_hf.mpc.compare`, 181 AND gates) instead of CrypTen's whole
+64-bit adder (832); every AND gate costs HE work when there is no dealer.
+
 Fails loudly: if crypten is missing, if importing it still fails, if the
 version is not the one this shim was written for, or if any function the
 patches replace is not where (or what) they expect, :func:`import_crypten`
@@ -236,6 +241,18 @@ def _install_secure_randomness(crypten) -> None:
         raise CryptenCompatError("CrypTen's TTPClient/TTPServer no longer have _setup_generators; the randomness patch does not apply")
     client_core._setup_generators = _ttp_client_setup_generators
     ttp_provider.TTPServer._setup_generators = _ttp_server_setup_generators
+
+    from crypten.mpc.mpc import MPCTensor
+
+    if not callable(getattr(MPCTensor, "_ltz", None)):
+        raise CryptenCompatError("crypten's MPCTensor has no _ltz; the comparison patch does not apply")
+    MPCTensor._ltz = _ltz
+
+
+def _ltz(self):
+    from cryptogen_hf.mpc.compare import ltz
+
+    return ltz(self)
 
 
 def _seed_tensor(seed: bytes):

@@ -59,10 +59,10 @@ def _conversion_session(role, channel_port, config):
     out["x_ring"] = _reveal_ring(xs)
     out["x"] = x
 
-    # 2. HE -> shares exactness across the whole centred range, with 20 fractional bits
-    #    (so CrypTen's truncation by 4 bits is exercised) and a server-side addend.
-    ints = torch.randint(-(p // 2) + 1, p // 2, (N_VALUES,), generator=gen)
-    ints[:4] = torch.tensor([-(p // 2) + 1, p // 2 - 1, 0, -1])
+    # 2. HE -> shares exactness across the whole supported range |y| < p/4, with 20
+    #    fractional bits (so CrypTen's truncation by 4 bits is exercised) and a server-side addend.
+    ints = torch.randint(-(p // 4) + 1, p // 4, (N_VALUES,), generator=gen)
+    ints[:4] = torch.tensor([-(p // 4) + 1, p // 4 - 1, 0, -1])
     small = torch.randint(-(2**40), 2**40, (N_VALUES,), generator=gen)
     addend = torch.randint(-(2**30), 2**30, (N_VALUES,), generator=gen)
     if party.is_server:
@@ -108,7 +108,7 @@ def _conversion_session(role, channel_port, config):
 
 @pytest.fixture(scope="module")
 def results():
-    config = MPCConfig(dealer="ttp", port=free_port(), timeout_s=60)
+    config = MPCConfig(dealer="none", port=free_port(), timeout_s=60)
     return launch_local(_conversion_session, config, args=(free_port(), config), wall_timeout_s=600)
 
 
@@ -122,7 +122,18 @@ def test_shares_he_roundtrip_within_one_ulp(results):
 
 def test_he_to_shares_exact_over_whole_range(results):
     r = results[CLIENT]
-    assert torch.equal(r["full"], r["ints"])  # exact, extremes +-(p/2 - 1), 0 and -1 included
+    assert torch.equal(r["full"], r["ints"])  # exact, extremes +-(p/4 - 1), 0 and -1 included
+
+
+@pytest.mark.parametrize("p", [3, 5, 7, 13, 31, 97])
+def test_wrap_is_the_and_of_one_bit_from_each_party(p):
+    """he_to_shares' identity, for every value v in [0, h), h = (p+1)/2, and every mask r:
+    [v + r >= p] == [r >= h] AND [(v + r) mod p < h]."""
+    h = (p + 1) // 2
+    for v in range(h):
+        for r in range(p):
+            a = (v + r) % p
+            assert (v + r >= p) == (r >= h and a < h), (p, v, r)
 
 
 def test_he_to_shares_truncates_and_adds_server_addend(results):

@@ -34,6 +34,11 @@ crypten = import_crypten()
 from crypten.config import cfg  # noqa: E402  (after the shim)
 from crypten.encoder import FixedPointEncoder  # noqa: E402
 
+from .compare import ACTIVATION_BITS, RING_BITS, ge_zero  # noqa: E402
+
+# A bracket compares v with its thresholds exactly for |v| up to 2**BRACKET_MARGIN_BITS
+# times the largest threshold (beyond the bracket, every bit must still read 1).
+BRACKET_MARGIN_BITS = 8
 _PRECISION_BITS = 16  # CrypTen's default encoder precision (cfg.encoder.precision_bits)
 
 # ---------------------------------------------------------------------------
@@ -54,7 +59,8 @@ def _bracket_scale(v, base_log2: int, k_lo: int, k_hi: int):
         raise ValueError("bracket range outside the exact fixed-point range")
     ks = torch.arange(k_lo, k_hi + 1, dtype=torch.float64)
     thresholds = torch.pow(2.0, base_log2 * ks).float()
-    bits = (v.unsqueeze(-1) - thresholds).ge(0)  # (..., K), one comparison
+    width = min(RING_BITS, base_log2 * k_hi + _PRECISION_BITS + BRACKET_MARGIN_BITS + 1)
+    bits = ge_zero(v.unsqueeze(-1) - thresholds, width)  # (..., K), one comparison
     # CrypTen returns comparison bits as integers (encoder scale 1). The
     # telescoping sum p = 2**-(k_lo-1) + sum_k b_k (2**-k - 2**-(k-1)) is
     # formed with INTEGER weights w_k = (2**-k - 2**-(k-1)) * 2**16 (exact
@@ -164,7 +170,7 @@ def _max_last_dim(x, group: int = MAX_GROUP):
             x = crypten.cat([x, pad], dim=-1)
         members = x.reshape(*x.shape[:-1], n_groups, g)
         left, right, beats = _tournament_indices(g)
-        c = members.index_select(-1, left).ge(members.index_select(-1, right))  # (..., G, pairs)
+        c = ge_zero(members.index_select(-1, left) - members.index_select(-1, right), ACTIVATION_BITS)  # (..., G, pairs)
         wins = crypten.cat([c, 1 - c], dim=-1).index_select(-1, beats)
         winner = _product_last_dim(wins.reshape(*wins.shape[:-1], g, g - 1))  # (..., G, g), one-hot
         x = (winner * members).sum(-1)  # (..., G)
@@ -276,7 +282,7 @@ def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
     Max abs error on [-8, 8] ~1e-3 (see tests)."""
     coef = _gelu_coefficients(cut, degree)
     # Both comparisons in one call: stack [x - cut, -x - cut] and test >= 0.
-    c = crypten.stack([x - cut, -x - cut]).ge(0)
+    c = ge_zero(crypten.stack([x - cut, -x - cut]), ACTIVATION_BITS)
     above, below = c[0], c[1]
 
     u = x.square() * (2.0 / (cut * cut)) - 1.0

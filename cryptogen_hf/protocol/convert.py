@@ -22,15 +22,23 @@ shares -> HE (``shares_to_he``), one message each way, no comparison:
   its own two-party truncation. It saves the comparison rounds of every
   conversion.
 
-HE -> shares (``he_to_shares``), one message plus one secure comparison:
+HE -> shares (``he_to_shares``), one message plus one multiplication of bits:
   the server adds H + r to every slot of the result ciphertext (r uniform in
-  Z_p, H = floor(p/2) so that the centred y becomes y + H in [0, p)), and
-  sends it; the client decrypts a = (y + H + r) mod p, uniform in Z_p. Then
-  y = a - r - H + p * [a < r] over the integers; CrypTen computes the wrap
-  bit [a < r] from the parties' inputs a and -r with one batched comparison,
-  and rescales to 16 fractional bits. Every slot is masked, not only the
-  output slots: slots outside the output hold partial sums of the server's
-  weights.
+  Z_p, H = floor(p/4) so that the centred y, |y| < p/4, becomes
+  v = y + H in [0, h) with h = (p+1)/2), and sends it; the client decrypts
+  a = (v + r) mod p, uniform in Z_p. Then y = a - r - H + p * wrap over the
+  integers, with wrap = [v + r >= p]. Because v < h, the wrap is a product
+  of one bit each party knows:
+
+      wrap = [r >= h] AND [a < h]
+
+  (r < h: v + r < 2h - 1 = p, no wrap; r >= h: the sum wraps exactly when
+  a = v + r - p < v < h, and otherwise a >= r >= h; the test checks every
+  case for a small prime). Each bit alone is uniform and independent of v.
+  So the conversion costs one multiplication of two private bits (one
+  Beaver triple, one round) instead of a 64-bit secure comparison. Every
+  slot is masked, not only the output slots: slots outside the output hold
+  partial sums of the server's weights.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import numpy as np
 import torch
 
 from ..crypten_compat import import_crypten
+from ..mpc.runtime import CLIENT, SERVER, rank_of
 from .randomness import uniform_mod, uniform_ring64
 from .wire import pack_array, pack_blobs, unpack_array, unpack_blobs
 
@@ -108,7 +117,7 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_adde
     _check_frac_bits(frac_bits)
     mpc = _mpc()
     p = int(party.he.p)
-    half = p // 2
+    shift, h = p // 4, (p + 1) // 2
 
     if party.is_server:
         masks = []
@@ -116,22 +125,27 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_adde
         for ct in ciphertexts:
             r = uniform_mod(p, party.he.slot_count)
             masks.append(r)
-            masked = party.he.add_plain(ct, (r + np.uint64(half)) % np.uint64(p))
+            masked = party.he.add_plain(ct, (r + np.uint64(shift)) % np.uint64(p))
             blobs.append(party.he.serialize_ct(masked))
         party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
-        r_out = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)
-        local = -(r_out.astype(np.int64))
+        masked_value = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)  # r
+        local = -(masked_value.astype(np.int64))
     else:
         blobs = unpack_blobs(party.channel.recv_payload("from_he.ciphertexts"))
         slots = [party.he.decrypt(party.he.load_ct(blob)) for blob in blobs]
-        local = np.asarray(layout.unpack_output(slots), dtype=np.uint64).reshape(-1).astype(np.int64)
+        masked_value = np.asarray(layout.unpack_output(slots), dtype=np.uint64).reshape(-1)  # a
+        local = masked_value.astype(np.int64)
     if local.size != n:
         raise ValueError(f"layout produced {local.size} outputs, expected {n}")
 
     # d = a - r over the integers, |d| < p: shares (client a, server -r), scale 1.
     d = mpc.MPCTensor.from_shares(torch.from_numpy(local), precision=0)
-    wrapped = d._ltz()  # shares of [a < r], one batched comparison
-    y = d + wrapped * p - half  # y * 2^frac_bits, exact
+    # wrap = [r >= h] (the server's bit) AND [a < h] (the client's bit).
+    my_bit = torch.from_numpy((masked_value >= h) if party.is_server else (masked_value < h)).long()
+    server_bit = mpc.MPCTensor(my_bit if party.is_server else torch.zeros_like(my_bit), src=rank_of(SERVER), precision=0)
+    client_bit = mpc.MPCTensor(my_bit if party.is_client else torch.zeros_like(my_bit), src=rank_of(CLIENT), precision=0)
+    wrapped = server_bit * client_bit  # exact: both have encoder scale 1
+    y = d + wrapped * p - shift  # y * 2^frac_bits, exact
     if party.is_server and server_addend is not None:
         # Adding a value to one's own additive share adds it to the secret.
         addend = torch.as_tensor(np.asarray(server_addend, dtype=np.int64).reshape(-1))

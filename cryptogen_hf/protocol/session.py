@@ -10,7 +10,9 @@ Handshake (over the framed channel), before any expensive work:
     server -> client  welcome  {session id, model shape, model name, MPC port}
                       or error naming the mismatch (then the worker exits)
     client -> server  he_bundle  public + relinearization + Galois keys only
-    both              join CrypTen (the client also starts the TTP dealer)
+    both              join CrypTen; with dealer "none" (the default) the client
+                      also sends the public keys of its cross-product HE
+                      (mpc/two_party.py); nobody else takes part
 
 Then requests, each answered in lockstep by the SPMD protocol:
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import multiprocessing
 import resource
 import secrets
 
@@ -176,7 +177,6 @@ class ClientSession:
         self.config.validate()
         timeout = self.config.timeouts.peer_s
         self.channel = transport.connect(host, port, f"server {host}:{port}", timeout_s=timeout, retry_s=5.0)
-        self.dealer_process = None
         try:
             self._open(host)
         except BaseException:
@@ -203,11 +203,6 @@ class ClientSession:
         mpc_config = runtime.MPCConfig(
             dealer=self.config.mpc.dealer, host=host, port=welcome["mpc_port"], timeout_s=self.config.timeouts.peer_s
         )
-        if mpc_config.uses_ttp:
-            # The dealer is a third process; here the client's machine starts it.
-            ctx = multiprocessing.get_context("spawn")
-            self.dealer_process = ctx.Process(target=runtime.run_dealer, args=(mpc_config,), name="cryptogen-dealer", daemon=True)
-            self.dealer_process.start()
         runtime.init_party(CLIENT, mpc_config)
         self.party = Party(CLIENT, self.channel, self.he)
         self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
@@ -287,9 +282,5 @@ class ClientSession:
         except Exception as exc:  # noqa: BLE001 (closing; the peer may be gone)
             log.info("closing MPC session: %s", exc)
         self.channel.close()
-        if self.dealer_process is not None:
-            self.dealer_process.join(timeout=5)
-            if self.dealer_process.is_alive():
-                self.dealer_process.kill()
         if ClientSession._active is self:
             ClientSession._active = None

@@ -139,6 +139,11 @@ def serve(
     listener = transport.listen(host, port)
     bound = listener.getsockname()[1]
     log.info("serving %s on %s:%d", hosted.shape.name, host, bound)
+    if config.mpc.dealer == "client":
+        log.warning(
+            "mpc.dealer is 'client': every client sees every activation of this model and can fit its "
+            "weights from them; serve this way only a model whose weights are public"
+        )
     if ready is not None:
         ready(bound)
     fork = multiprocessing.get_context("fork")
