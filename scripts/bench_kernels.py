@@ -43,11 +43,10 @@ import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import multiprocessing  # noqa: E402
 import platform  # noqa: E402
-import queue as queue_module  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -55,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cryptogen_hf.mpc.runtime import CLIENT, SERVER, MPCConfig, free_port, launch_local, rank_of  # noqa: E402
+from cryptogen_hf.mpc.runtime import CLIENT, DEALER_MODES, SERVER, MPCConfig, free_port, launch_local, rank_of  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("he", "mpc", "convert")
@@ -325,16 +324,26 @@ def _crypten_comm():
     return crypten, crypten.communicator.get()
 
 
+def _correlation_seconds() -> float:
+    """Seconds this party has spent making correlated randomness (dealer "none"; 0 otherwise)."""
+    from cryptogen_hf.mpc.runtime import correlation_provider
+
+    return getattr(correlation_provider(), "stats", {}).get("seconds", 0.0)
+
+
 def _measured(comm, fn, channel=None):
-    """Time fn() between two barriers' worth of reset stats: (seconds, result, crypten stats, channel stats)."""
+    """Time fn() between two barriers' worth of reset stats: (seconds, result, crypten stats, channel stats).
+    The crypten stats gain "correlation_s": the part of the time spent making correlated
+    randomness (the offline phase, done inline when a pool runs dry)."""
     comm.barrier()
     comm.reset_communication_stats()
     if channel is not None:
         channel.stats.reset()
+    c0 = _correlation_seconds()
     t0 = time.perf_counter()
     result = fn()
     dt = time.perf_counter() - t0
-    stats = dict(comm.get_communication_stats())
+    stats = dict(comm.get_communication_stats(), correlation_s=_correlation_seconds() - c0)
     ch = None if channel is None else {"bytes": channel.stats.bytes_sent, "messages": channel.stats.messages_sent}
     return dt, result, stats, ch
 
@@ -346,41 +355,52 @@ def mpc_program(role, cases, repeats, progress=None):
     for i, (name, op, shape) in enumerate(cases):
         x = mpc_input(op, shape, seed=i)
         fn, ref = _mpc_op(op, x)
-        times, stats, err = [], None, None
+        times, correlation, stats, err = [], [], None, None
         for _ in range(repeats):
             ex = crypten.cryptensor(x if role == CLIENT else torch.zeros_like(x), src=rank_of(CLIENT))
             dt, y, stats, _ = _measured(comm, lambda: fn(ex))
             times.append(dt)
+            correlation.append(stats["correlation_s"])
             err = (y.get_plain_text() - ref).abs().max().item()
-        rows.append({"name": name, "op": op, "shape": list(shape), "times": times,
+        rows.append({"name": name, "op": op, "shape": list(shape), "times": times, "correlation_s": correlation,
                      "rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]), "max_abs_err": err})
-        if progress is not None and role == SERVER:
-            progress.put(name)
+        _report_progress(progress, role, name)
     return rows
 
 
+def _report_progress(progress_path, role, name) -> None:
+    """The server appends each finished case to the progress file the parent follows."""
+    if progress_path is not None and role == SERVER:
+        with open(progress_path, "a") as f:
+            f.write(name + "\n")
+
+
 def _launch_with_progress(fn, config, args, bar, label, wall_timeout_s=1800):
-    """launch_local(fn, config, args + (progress queue,)); the server's progress messages advance the bar."""
-    progress = multiprocessing.get_context("spawn").Queue()
+    """launch_local(fn, config, args + (progress file,)); each line the server appends advances the bar."""
+    fd, progress_path = tempfile.mkstemp(prefix="cryptogen-bench-progress-")
+    os.close(fd)
     done = threading.Event()
 
-    def pump():
+    def follow():
+        seen = 0
         while not done.is_set():
-            try:
-                name = progress.get(timeout=0.2)
-            except queue_module.Empty:
-                continue
-            bar.set_description(f"{label}: {name}")
-            bar.update(1)
+            time.sleep(0.2)
+            with open(progress_path) as f:
+                names = f.read().splitlines()
+            for name in names[seen:]:
+                bar.set_description(f"{label}: {name}")
+                bar.update(1)
+            seen = len(names)
 
-    thread = threading.Thread(target=pump, daemon=True)
+    thread = threading.Thread(target=follow, daemon=True)
     thread.start()
     try:
-        return launch_local(fn, config, tuple(args) + (progress,), wall_timeout_s=wall_timeout_s)
+        return launch_local(fn, config, tuple(args) + (progress_path,), wall_timeout_s=wall_timeout_s)
     finally:
         time.sleep(0.3)
         done.set()
         thread.join()
+        os.unlink(progress_path)
 
 
 def run_mpc(dealer, cases, repeats, bar) -> list[dict]:
@@ -390,6 +410,8 @@ def run_mpc(dealer, cases, repeats, bar) -> list[dict]:
     for s, c in zip(res[SERVER], res[CLIENT]):
         rows.append(row("mpc", f"{s['name']} [{dealer}]", str(tuple(s["shape"])),
                         time_s=fig(statistics.median(s["times"]), "s"), time_all_s=fig(s["times"], "s"),
+                        correlation_s=fig(statistics.median(s["correlation_s"]), "s"),
+                        online_s=fig(statistics.median(t - c for t, c in zip(s["times"], s["correlation_s"])), "s"),
                         rounds=fig(s["rounds"], "rounds"), bytes_server=fig(s["bytes"], "B"),
                         bytes_client=fig(c["bytes"], "B"), bytes_total=fig(s["bytes"] + c["bytes"], "B"),
                         max_abs_err=fig(s["max_abs_err"], "abs")))
@@ -454,8 +476,7 @@ def convert_program(role, channel_port, sizes, repeats, progress=None):
                          "rounds": int(stats["rounds"]), "bytes": int(stats["bytes"]),
                          "channel_bytes": ch["bytes"], "channel_messages": ch["messages"], "max_abs_err": err,
                          "in_cts": len(into.plan.tiles[:1]) if direction == "shares_to_he" else out_of.plan.n_tiles})
-            if progress is not None and role == SERVER:
-                progress.put(rows[-1]["name"])
+            _report_progress(progress, role, rows[-1]["name"])
     party.channel.close()
     return rows
 
@@ -565,12 +586,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="calls per figure; the median is reported (default 3)")
     ap.add_argument("--out", default="results/bench_kernels.json")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    ap.add_argument("--dealers", default="ttp,client", help="MPC dealer modes for the mpc section (ttp, client)")
+    ap.add_argument("--dealers", default="none,ttp", help="MPC dealer modes for the mpc section (none, ttp, client)")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     dealers = [d for d in args.dealers.split(",") if d]
-    if set(sections) - set(SECTIONS) or set(dealers) - {"ttp", "client"}:
-        ap.error(f"sections must be among {SECTIONS}, dealers among ('ttp', 'client')")
+    if set(sections) - set(SECTIONS) or set(dealers) - set(DEALER_MODES):
+        ap.error(f"sections must be among {SECTIONS}, dealers among {DEALER_MODES}")
     torch.set_num_threads(1)
 
     he_c = he_cases(args.quick) if "he" in sections else []
@@ -621,4 +642,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # launch_local's children import the party programs by module name: run
+    # them from the module "bench_kernels", not from this script's __main__.
+    import bench_kernels
+
+    sys.exit(bench_kernels.main())

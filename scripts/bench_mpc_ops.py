@@ -6,7 +6,7 @@ bytes and the max abs error against torch.
 Thin wrapper: the "mpc" section of scripts/bench_kernels.py, which holds the
 code and documents the figures.
 
-    python scripts/bench_mpc_ops.py [--dealer ttp|client] [--reps 3] [--out results/bench_mpc_ops.json]
+    python scripts/bench_mpc_ops.py [--dealers none,ttp] [--reps 3] [--out results/bench_mpc_ops.json]
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import bench_kernels  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dealer", default="ttp", choices=["ttp", "client"])
+    ap.add_argument("--dealers", default="none,ttp", help="comma-separated dealer modes (none, ttp, client)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="results/bench_mpc_ops.json")
     args = ap.parse_args(argv)
-    return bench_kernels.main(["--sections", "mpc", "--dealers", args.dealer, "--repeats", str(args.reps), "--out", args.out])
+    return bench_kernels.main(["--sections", "mpc", "--dealers", args.dealers, "--repeats", str(args.reps), "--out", args.out])
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ beyond the plaintext): the result's c1 and its noise would otherwise be
 deterministic functions of the server's x0, y0 and of the client's own
 encryption randomness. The server therefore (1) adds a fresh public-key
 encryption of R, which re-randomises both polynomials, and (2) adds to c0
-noise uniform in [-2**b, 2**b) with 2**b = Delta / 2**FLOOD_MARGIN_BITS
-(Delta = q/t): the noise the products leave is at least 2**64 times smaller
-(measured: tests/test_two_party.py), so the decrypted noise is within
-statistical distance N * 2**-64 of the flooding distribution, whatever x0, y0.
+noise uniform in [-2**b, 2**b), b = min(log2(Delta) - FLOOD_MARGIN_BITS,
+FLOOD_MAX_BITS) = 127 here (Delta = q/t = 2**135): the noise the products
+leave is below 2**56 (measured: tests/test_two_party.py), so the decrypted
+noise is within statistical distance N * 2**-71 = 2**-58 of the flooding
+distribution, whatever x0, y0.
 
 The ciphertexts travel as raw coefficient arrays (uint64, no serialisation
 format to parse); the receiver checks every coefficient is below its prime.
@@ -47,7 +48,8 @@ from .keys import CiphertextError, _load_into, _save_bytes
 from .params import HEParams
 
 STATISTICAL_BITS = 40  # every mask hides its value up to 2**-40 or better (checked below)
-FLOOD_MARGIN_BITS = 6  # flooding noise stays 2**6 below Delta: decryption stays exact
+FLOOD_MARGIN_BITS = 6  # flooding noise stays at least 2**6 below Delta: decryption stays exact
+FLOOD_MAX_BITS = 127  # two 64-bit limbs: 2**72 above the products' noise here (tests)
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,11 @@ def mulmod(a: np.ndarray, b, m: int) -> np.ndarray:
 
 
 def limbs_mod(limbs: list[np.ndarray], m: int) -> np.ndarray:
-    """(sum_k limbs[k] * 2**(64k)) mod m, limbs as uint64 arrays."""
-    out = np.zeros_like(limbs[0])
-    for k, limb in enumerate(limbs):
-        term = mulmod(limb % np.uint64(m), np.uint64(pow(2, 64 * k, m)), m)
-        out = (out + term) % np.uint64(m)
+    """(sum_k limbs[k] * 2**(64k)) mod m, limbs as uint64 arrays, m < 2**62."""
+    m64 = np.uint64(m)
+    out = limbs[0] % m64
+    for k, limb in enumerate(limbs[1:], start=1):
+        out = (out + mulmod(limb % m64, np.uint64(pow(2, 64 * k, m)), m)) % m64
     return out
 
 
@@ -142,6 +144,7 @@ class _PrimeContext:
         return pt
 
     def save(self, ct) -> bytes:
+        """SEAL's serialisation (of a ciphertext, or of a seeded symmetric one)."""
         return _save_bytes(ct)
 
     def load(self, blob: bytes):
@@ -174,6 +177,10 @@ class _PrimeContext:
         return self.load(_seal_header(self._seal_version, 16 + len(body)) + body)
 
 
+def flood_bits(pc: "_PrimeContext") -> int:
+    return min(pc.delta_bits - FLOOD_MARGIN_BITS, FLOOD_MAX_BITS)
+
+
 def _chunks(n: int, slots: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + slots)) for s in range(0, n, slots)]
 
@@ -190,9 +197,10 @@ class OLEClient:
             keygen = sealapi.KeyGenerator(pc.context)
             public_key = sealapi.PublicKey()
             keygen.create_public_key(public_key)
-            self._keys.append(
-                (public_key, sealapi.Encryptor(pc.context, public_key), sealapi.Decryptor(pc.context, keygen.secret_key()))
-            )
+            secret_key = keygen.secret_key()
+            # The client encrypts with its secret key: faster than public-key
+            # encryption, and SEAL then sends c1 as a seed (half the bytes).
+            self._keys.append((public_key, sealapi.Encryptor(pc.context, secret_key), sealapi.Decryptor(pc.context, secret_key)))
         moduli = [pc.t for pc in self.primes]
         self._T = int(np.prod([int(t) for t in moduli], dtype=object))
         # CRT constants: u_j = y_j * (T/t_j)^-1 mod t_j; z = sum u_j (T/t_j) - k T.
@@ -212,9 +220,7 @@ class OLEClient:
         for start, stop in _chunks(x.size, self.primes[0].n):
             for pc, (_, encryptor, _) in zip(self.primes[: self.n_primes(wide)], self._keys):
                 for operand in (x, y):
-                    ct = sealapi.Ciphertext()
-                    encryptor.encrypt(pc.encode(operand[start:stop]), ct)
-                    out.append(pc.save(ct))
+                    out.append(pc.save(encryptor.encrypt_symmetric(pc.encode(operand[start:stop]))))
         return out
 
     def decrypt(self, blobs: list[bytes], n: int, wide: bool) -> np.ndarray:
@@ -312,8 +318,8 @@ class OLEServer:
         return limbs
 
     def _flooding_noise(self, pc: _PrimeContext, prg):
-        """(e, 0) with e uniform in [-2**b, 2**b), b = log2(Delta) - FLOOD_MARGIN_BITS."""
-        bits = pc.delta_bits - FLOOD_MARGIN_BITS
+        """(e, 0) with e uniform in [-2**b, 2**b), b = flood_bits(pc)."""
+        bits = flood_bits(pc)
         E = self._uniform_limbs(prg, pc.n, bits + 1)
         c0 = np.stack([(limbs_mod(E, q) + np.uint64(q - pow(2, bits, q))) % np.uint64(q) for q in pc.q_primes])
         return pc.noise_ciphertext(c0)

@@ -16,9 +16,16 @@ times wider than the cross term, and noise flooded to the same margin. So
 neither learns anything about the other's shares, hence about any value
 opened with them.
 
-Shapes: every request is elementwise over the broadcast shape (a matmul
-triple is the elementwise triple of the expanded product, summed), so one
-HE code path serves every tuple kind.
+Batches: one HE exchange costs about the same for 1 or 8192 values (a
+ciphertext has 8192 slots), and a token asks for hundreds of small tuples.
+So elementwise triples, squares, AND triples and B2A bits are made in
+batches of whole ciphertexts (:data:`BATCH`) into per-kind pools, and each
+request takes the next unused values: every value is used once. A request
+with broadcasting (a of shape (n, 1) times b of shape (n, d)) gets a triple
+of the broadcast shape: CrypTen's Beaver step then masks the broadcast copy
+of x with independent values, which hides it as well. Both parties make the
+same requests in the same order (SPMD), so their pools stay in step.
+Matmul triples (unused by the protocol) are made per request.
 """
 
 from __future__ import annotations
@@ -111,6 +118,32 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits << _BIT_SHIFTS).sum(-1)
 
 
+# Values made per refill of each pool (whole ciphertexts of 8192 slots; an AND
+# triple word is 64 slots).
+BATCH = {"mul": 4 * 8192, "square": 8192, "binary": 8 * 8192 // 64, "b2a": 8192}
+
+
+class _Pool:
+    """Unused correlated values of one kind, as flat int64 tensors."""
+
+    def __init__(self, make, batch: int):
+        self._make = make  # n -> tuple of flat tensors of n values
+        self._batch = batch
+        self._parts: tuple | None = None
+        self._used = 0
+
+    def take(self, n: int) -> tuple:
+        have = 0 if self._parts is None else self._parts[0].numel() - self._used
+        if have < n:
+            fresh = self._make(max(self._batch, n - have))
+            if have:
+                fresh = tuple(torch.cat([old[self._used :], new]) for old, new in zip(self._parts, fresh))
+            self._parts, self._used = fresh, 0
+        out = tuple(part[self._used : self._used + n] for part in self._parts)
+        self._used += n
+        return out
+
+
 class TwoPartyProvider(TupleProvider):
     """CrypTen tuple provider for two parties and no dealer."""
 
@@ -120,6 +153,12 @@ class TwoPartyProvider(TupleProvider):
         super().__init__()
         self._client: OLEClient | None = None
         self._server: OLEServer | None = None
+        self._pools = {
+            "mul": _Pool(self._make_triples, BATCH["mul"]),
+            "square": _Pool(self._make_squares, BATCH["square"]),
+            "binary": _Pool(self._make_binary_triples, BATCH["binary"]),
+            "b2a": _Pool(self._make_b2a_bits, BATCH["b2a"]),
+        }
         self.stats = {"seconds": 0.0, "requests": 0, "arithmetic": 0, "and_bits": 0, "b2a_bits": 0}
 
     # -- session set-up: the client's cross-product public keys ------------------
@@ -157,51 +196,64 @@ class TwoPartyProvider(TupleProvider):
         self.stats["requests"] += 1
         return torch.from_numpy(share.view(np.int64).copy()).reshape(x.shape)
 
+    # -- batches: every value drawn from this party's own AES-CTR generator -------
+    def _make_triples(self, n: int) -> tuple:
+        a, b = generate_random_ring_element((n,)), generate_random_ring_element((n,))
+        self.stats["arithmetic"] += n
+        return a, b, a * b + self._cross(a, b, wide=True)
+
+    def _make_squares(self, n: int) -> tuple:
+        r = generate_random_ring_element((n,))
+        self.stats["arithmetic"] += n
+        return r, r * r + self._cross(r, r, wide=True)  # r0 r1 + r1 r0
+
+    def _make_binary_triples(self, n_words: int) -> tuple:
+        a, b = generate_kbit_random_tensor((n_words,)), generate_kbit_random_tensor((n_words,))
+        # a0 b1 + a1 b0 per bit; the low bit of each arithmetic share is an
+        # XOR share of that sum mod 2, i.e. of a0 b1 XOR a1 b0.
+        cross = self._cross(_unpack_bits(a), _unpack_bits(b), wide=False) & 1
+        self.stats["and_bits"] += 64 * n_words
+        return a, b, (a & b) ^ _pack_bits(cross)
+
+    def _make_b2a_bits(self, n: int) -> tuple:
+        r = generate_kbit_random_tensor((n,), bitlength=1)
+        self.stats["b2a_bits"] += n
+        # r = r0 XOR r1 = r0 + r1 - 2 r0 r1; the cross product gives shares of 2 r0 r1.
+        return r - self._cross(r, r, wide=False), r
+
     # -- CrypTen's TupleProvider interface ---------------------------------------
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args or kwargs:
             raise ValueError(f"two-party triples for torch.{op} with extra arguments are not supported")
-        a = generate_random_ring_element(size0)
-        b = generate_random_ring_element(size1)
         if op == "mul":
-            shape = torch.broadcast_shapes(a.shape, b.shape)
-            cross = self._cross(a.expand(shape), b.expand(shape), wide=True)
+            shape = torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
+            a, b, c = (t.reshape(shape) for t in self._pools["mul"].take(shape.numel()))
         elif op == "matmul":
+            a, b = generate_random_ring_element(size0), generate_random_ring_element(size1)
             if a.dim() < 2 or b.dim() < 2:
                 raise ValueError("two-party matmul triples need operands of at least 2 dims")
             # (..., I, K) x (..., K, J): the elementwise triple of every a_ik b_kj, summed over k.
             left, right = a.unsqueeze(-1), b.unsqueeze(-3)
             shape = torch.broadcast_shapes(left.shape, right.shape)
             cross = self._cross(left.expand(shape), right.expand(shape), wide=True).sum(-2)
+            self.stats["arithmetic"] += shape.numel()
+            c = torch.matmul(a, b) + cross
         else:
             raise ValueError(f"two-party triples: torch.{op} is not supported (mul, matmul)")
-        self.stats["arithmetic"] += int(np.prod(shape))
-        c = getattr(torch, op)(a, b) + cross
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
 
     def square(self, size, device=None):
-        r = generate_random_ring_element(size)
-        cross = self._cross(r, r, wide=True)  # r0 r1 + r1 r0
-        self.stats["arithmetic"] += r.numel()
-        return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(r * r + cross, precision=0)
+        size = torch.Size(size)
+        r, r2 = (t.reshape(size) for t in self._pools["square"].take(size.numel()))
+        return ArithmeticSharedTensor.from_shares(r, precision=0), ArithmeticSharedTensor.from_shares(r2, precision=0)
 
     def generate_binary_triple(self, size0, size1, device=None):
-        a = generate_kbit_random_tensor(size0)
-        b = generate_kbit_random_tensor(size1)
-        shape = torch.broadcast_shapes(a.shape, b.shape)
-        a, b = a.expand(shape).contiguous(), b.expand(shape).contiguous()
-        # a0 b1 + a1 b0 per bit; the low bit of each arithmetic share is an
-        # XOR share of that sum mod 2, i.e. of a0 b1 XOR a1 b0.
-        cross = self._cross(_unpack_bits(a), _unpack_bits(b), wide=False) & 1
-        self.stats["and_bits"] += 64 * a.numel()
-        c = (a & b) ^ _pack_bits(cross).reshape(shape)
-        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+        shape = torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
+        return tuple(BinarySharedTensor.from_shares(t.reshape(shape)) for t in self._pools["binary"].take(shape.numel()))
 
     def B2A_rng(self, size, device=None):
-        r = generate_kbit_random_tensor(size, bitlength=1)
-        # r = r0 XOR r1 = r0 + r1 - 2 r0 r1; the cross product gives shares of 2 r0 r1.
-        r_arith = r - self._cross(r, r, wide=False)
-        self.stats["b2a_bits"] += r.numel()
+        size = torch.Size(size)
+        r_arith, r = (t.reshape(size) for t in self._pools["b2a"].take(size.numel()))
         return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r)
 
     def wrap_rng(self, size, device=None):
