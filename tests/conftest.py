@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from knowledge_recorder import ENV as KNOWLEDGE_ENV
 from transcript_recorder import ENV as TRANSCRIPT_ENV
 
 
@@ -22,18 +23,23 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def start_server(checkpoint, settings=None, settings_path=None, transcript_dir=None):
+def start_server(checkpoint, settings=None, settings_path=None, transcript_dir=None, knowledge_dir=None):
     """`cryptogen serve` in its own process group (so a test can kill it and its session workers).
 
     settings: a CryptoGenConfig for the server, saved to ``settings_path``.
     transcript_dir: record every byte the server's processes receive there
-        (``tests/transcript_recorder.py``). Returns (process, port).
+        (``tests/transcript_recorder.py``).
+    knowledge_dir: record that and everything they hold (``tests/knowledge_recorder.py``).
+    Returns (process, port).
     """
     command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(checkpoint), "--quiet"]
     env = None
     if transcript_dir is not None:
         command[1:3] = [str(Path(__file__).with_name("transcript_recorder.py"))]
         env = {**os.environ, TRANSCRIPT_ENV: str(transcript_dir)}
+    if knowledge_dir is not None:
+        command[1:3] = [str(Path(__file__).with_name("knowledge_recorder.py"))]
+        env = {**os.environ, KNOWLEDGE_ENV: str(knowledge_dir)}
     if settings is not None:
         settings.save(settings_path)
         command += ["--config", str(settings_path)]
