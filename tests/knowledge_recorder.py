@@ -92,11 +92,46 @@ class _RecordingProvider:
         return recording
 
 
+def _recording_opening(original, name):
+    def opening(*args, **kwargs):
+        out = original(*args, **kwargs)
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if t is not None:
+                _append(("opened", name, _array(t)))
+        return out
+
+    return opening
+
+
+def install_in_session(folder) -> None:
+    """The same, from inside a session that has already started (launch_local programs):
+    the live communicator's openings, the provider's tuples and every later draw."""
+    global _folder
+    _folder = Path(folder)
+    _folder.mkdir(parents=True, exist_ok=True)
+    _install_draws_and_tuples()
+    import crypten.communicator as comm
+
+    communicator = comm.get()
+    for name in ("all_reduce", "reduce"):
+        setattr(communicator, name, _recording_opening(getattr(communicator, name), name))
+
+
 def install(folder) -> None:
     global _folder
     _folder = Path(folder)
     _folder.mkdir(parents=True, exist_ok=True)
     transcript_recorder.install(folder)
+    _install_draws_and_tuples()
+    from cryptogen_hf.mpc import runtime
+
+    communicator = runtime._timed_communicator_class()
+    for name in ("all_reduce", "reduce"):  # a plain function: it binds as a method
+        setattr(communicator, name, _recording_opening(getattr(communicator, name), name))
+    runtime._timed_communicator_class = lambda: communicator
+
+
+def _install_draws_and_tuples() -> None:
     from cryptogen_hf.crypten_compat import import_crypten
 
     crypten = import_crypten()
@@ -111,22 +146,6 @@ def install(folder) -> None:
     get_default_provider = crypten.mpc.get_default_provider
     crypten.mpc.get_default_provider = lambda: _RecordingProvider(get_default_provider())
     crypten.mpc._records_knowledge = True
-
-    from cryptogen_hf.mpc import runtime
-
-    communicator = runtime._timed_communicator_class()
-    for name in ("all_reduce", "reduce"):
-        original = getattr(communicator, name)
-
-        def opening(self, *args, _original=original, _name=name, **kwargs):
-            out = _original(self, *args, **kwargs)
-            for t in out if isinstance(out, (list, tuple)) else [out]:
-                if t is not None:
-                    _append(("opened", _name, _array(t)))
-            return out
-
-        setattr(communicator, name, opening)
-    runtime._timed_communicator_class = lambda: communicator
 
 
 def load(folder, pid) -> dict:
