@@ -54,7 +54,7 @@ def _append(record) -> None:
         pickle.dump(record, f)
 
 
-def _array(t) -> "np.ndarray":  # noqa: F821
+def _array(t):
     t = getattr(t, "share", t)
     return t.detach().cpu().numpy().copy()
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
-from cryptogen_hf.config import CacheSettings, ConfigError, CryptoGenConfig, MPCSettings, load_config
+from cryptogen_hf.config import CacheSettings, ConfigError, CryptoGenConfig, load_config
 from cryptogen_hf.he import HEParams, InnerKVCache, OuterAttentionPlan
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.protocol.gpt2 import ModelShape, PrefillLayoutPolicy
@@ -106,7 +106,7 @@ def _plain_greedy(plain, ids, n):
 @pytest.mark.timeout(1200)
 def test_prompt_stored_outer_generates_and_crops_like_plaintext(checkpoint):
     plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
-    settings = CryptoGenConfig(mpc=MPCSettings(dealer="client"), cache=CacheSettings(prefill_layout="outer"))
+    settings = CryptoGenConfig(cache=CacheSettings(prefill_layout="outer"))
     model = CryptoGenForCausalLM.from_pretrained(checkpoint, settings=settings)
     try:
         prompt = torch.tensor([[5, 17, 250, 3, 9, 11, 40, 41, 42, 43]])

@@ -119,7 +119,7 @@ def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "secure.json"
-    result = cryptogen("eval", "--model", tiny_checkpoint, "--data", text, "--secure", "--dealer", "client",
+    result = cryptogen("eval", "--model", tiny_checkpoint, "--data", text, "--secure",
                        "--max-tokens", 16, "--window", 8, "--json", out)
     assert result.returncode == 0, result.stderr[-3000:]
     secure = json.loads(out.read_text())
@@ -141,10 +141,10 @@ def test_bench_writes_json_and_plot(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(model_dir)
     out = tmp_path / "bench.json"
     result = cryptogen("bench", "--model", model_dir, "--contexts", 6, "--decode-tokens", 1,
-                       "--dealer", "client", "--out", out)
+                       "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["dealer"] == "client" and [r["context"] for r in report["rows"]] == [6]
+    assert report["dealer"] == "none" and [r["context"] for r in report["rows"]] == [6]
     for row in report["rows"]:
         assert row["decode_s_per_token"] > 0 and row["recompute_s_per_token"] > 0
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0

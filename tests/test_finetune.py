@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
-from cryptogen_hf.config import CryptoGenConfig, MPCSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ def test_finetuned_checkpoint_loads_securely_and_generates_like_plaintext(finetu
     margins = [float(l[0].topk(2).values.diff().abs()) for l in plain.logits]
     assert min(margins) > 0.2, margins
 
-    secure_model = CryptoGenForCausalLM.from_pretrained(finetuned, settings=CryptoGenConfig(mpc=MPCSettings(dealer="client")))
+    secure_model = CryptoGenForCausalLM.from_pretrained(finetuned)
     try:
         secure = secure_model.generate(ids, max_new_tokens=3, do_sample=False)
     finally:

@@ -1,8 +1,8 @@
 """generate() through the secure protocol on the shipped model, against plaintext.
 
-One secure session for the module: the server is a real `cryptogen serve`
-child process (it alone loads the weights), the TTP dealer a third process,
-and this test process is the client. Every check compares with the plaintext
+One secure session for the module, in the default mode (two parties, no
+dealer): the server is a real `cryptogen serve` child process (it alone loads
+the weights) and this test process is the client. Every check compares with the plaintext
 HF model.
 """
 
@@ -16,7 +16,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
-from cryptogen_hf.config import CryptoGenConfig, MPCSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 
 PROMPTS = [
@@ -41,11 +40,7 @@ def plain_model():
 
 @pytest.fixture(scope="module")
 def secure_model():
-    # The client deals the triples here: the same arithmetic as the default
-    # third-party dealer (tested with generate() below and in test_mpc_ops),
-    # three times fewer rounds, so the 5 x 32-token fidelity run fits CI.
-    settings = CryptoGenConfig(mpc=MPCSettings(dealer="client"))
-    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, settings=settings)
+    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR)
     yield model
     model.close()
 
@@ -63,7 +58,7 @@ def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
     the peer, and two sessions fill those gaps (1.6x less wall time here).
     """
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
-    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, settings=CryptoGenConfig(mpc=MPCSettings(dealer="client")))
+    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR)
     results = []
     try:
         for prompt in prompts:

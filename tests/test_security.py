@@ -15,8 +15,8 @@
   still generates exactly the plaintext tokens.
 - Concurrency: 4 client processes at once, one killed, the others exact.
 
-The model is the tiny random GPT-2 of conftest.py; the client deals the
-triples (dealer="client": fewer rounds than the third-party dealer).
+The model is the tiny random GPT-2 of conftest.py; the mode is the default
+(two parties, no dealer). tests/test_attacks.py attacks both directions.
 """
 
 import json
@@ -35,7 +35,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import transcript_recorder
 from conftest import start_server, stop_server
-from cryptogen_hf.config import CryptoGenConfig, HESettings, MPCSettings, TimeoutSettings
+from cryptogen_hf.config import CryptoGenConfig, HESettings, TimeoutSettings
 from cryptogen_hf.crypten_compat import import_crypten
 from cryptogen_hf.he import ServerHE
 from cryptogen_hf.he.keys import _unpack_blobs as unpack_key_bundle
@@ -47,7 +47,7 @@ from cryptogen_hf.protocol.transport import PeerReportedError
 from cryptogen_hf.protocol.wire import pack_blobs, unpack_blobs
 from cryptogen_hf.server.weights import normalize, prepare_gpt2
 
-SETTINGS = CryptoGenConfig(mpc=MPCSettings(dealer="client"), timeouts=TimeoutSettings(peer_s=30, startup_s=60, idle_s=300))
+SETTINGS = CryptoGenConfig(timeouts=TimeoutSettings(peer_s=30, startup_s=60, idle_s=300))
 PROMPT = [5, 17, 250]
 NEW_TOKENS = 3
 CTX = multiprocessing.get_context("spawn")
@@ -358,7 +358,7 @@ def _reveal_to_client(role, folder):
 
 @pytest.mark.timeout(120)
 def test_values_opened_to_the_client_never_reach_the_server(tmp_path):
-    results = launch_local(_reveal_to_client, MPCConfig(dealer="client", timeout_s=60), args=(str(tmp_path),), wall_timeout_s=100)
+    results = launch_local(_reveal_to_client, MPCConfig(dealer="none", timeout_s=60), args=(str(tmp_path),), wall_timeout_s=100)
     opened, secrets = results["client"]
     assert torch.equal(opened[0], secrets[0]) and torch.equal(opened[1], secrets[1][:1])
     assert torch.equal(opened[2], secrets[1][1:100]) and torch.equal(opened[3], secrets[2])

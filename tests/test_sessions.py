@@ -1,4 +1,4 @@
-"""Sessions against a real `cryptogen serve` process: handshake, default TTP dealer, faults."""
+"""Sessions against a real `cryptogen serve` process: handshake, the default two-party mode, faults."""
 
 import os
 import signal
@@ -26,7 +26,7 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
     with pytest.raises(HandshakeError, match="HE parameters mismatch"):
         ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(coeff_modulus_bits=[43, 43, 44, 44, 44])))
     assert proc.poll() is None  # still serving
-    # A matching client (default settings: TTP dealer in a third process) gets exact greedy tokens.
+    # A matching client (default settings: two parties, no dealer) gets exact greedy tokens.
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
     try:
         ids = torch.tensor([[5, 17, 250]])

@@ -14,12 +14,12 @@ elementwise, with BFV:
 Two widths:
 
 - ``wide`` (x, y any 64-bit words, read as unsigned): the cross term is < 2**129
-  and R is uniform below 2**(log2 T - 1), T the product of four 45-bit
+  and R is uniform below 2**178 < T/2, T ~ 2**180 the product of four 45-bit
   batching primes (CRT, one context per prime): z = w + R never wraps mod T,
-  and z hides w up to statistical distance 2**129 / 2**179 = 2**-50.
-- ``narrow`` (x, y bits): w <= 2, one prime, R uniform below 2**44:
-  statistical distance below 3 * 2**-44. Used for AND triples (the parity of
-  the shares is an XOR sharing of w mod 2) and B2A bits.
+  and z hides w up to statistical distance 2**129 / 2**178 = 2**-49.
+- ``narrow`` (x, y bits): w <= 2, one prime t > 2**44, R uniform below 2**43:
+  statistical distance below 3 * 2**-43 < 2**-41. Used for AND triples (the
+  parity of the shares is an XOR sharing of w mod 2) and B2A bits.
 
 Circuit privacy (what the client learns from the ciphertext it decrypts,
 beyond the plaintext): the result's c1 and its noise would otherwise be
@@ -276,7 +276,7 @@ class OLEServer:
             self._encryptors.append(sealapi.Encryptor(pc.context, pk))
         self._T = int(np.prod([pc.t for pc in self.primes], dtype=object))
         self.mask_bits_wide = self._T.bit_length() - 2  # R < 2**(log2 T - 1): z < T/2 + w
-        self.mask_bits_narrow = self.primes[0].t.bit_length() - 2  # R < 2**44 < t - 3
+        self.mask_bits_narrow = self.primes[0].t.bit_length() - 2  # R < 2**43 < t - 3
 
     def n_primes(self, wide: bool) -> int:
         return len(self.primes) if wide else 1
@@ -294,17 +294,18 @@ class OLEServer:
         out = []
         for c, (start, stop) in enumerate(chunks):
             for j, pc in enumerate(self.primes[:k]):
-                ct = pc.load(blobs[(c * k + j) * 2])
-                ct_y = pc.load(blobs[(c * k + j) * 2 + 1])
-                pc.evaluator.multiply_plain_inplace(ct, pc.encode(y0[start:stop]))
-                pc.evaluator.multiply_plain_inplace(ct_y, pc.encode(x0[start:stop]))
-                pc.evaluator.add_inplace(ct, ct_y)
-                fresh = sealapi.Ciphertext()
-                self._encryptors[j].encrypt(pc.encode(limbs_mod([r[start:stop] for r in R], pc.t)), fresh)
-                pc.evaluator.add_inplace(ct, fresh)  # re-randomises c0 and c1, adds R
+                # Fresh Enc_pk(R): re-randomises the sum's c0 and c1, adds the mask.
+                reply = sealapi.Ciphertext()
+                self._encryptors[j].encrypt(pc.encode(limbs_mod([r[start:stop] for r in R], pc.t)), reply)
+                for blob, operand in ((blobs[(c * k + j) * 2], y0), (blobs[(c * k + j) * 2 + 1], x0)):
+                    ct = pc.load(blob)
+                    plain = operand[start:stop] % np.uint64(pc.t)
+                    if plain.any():  # SEAL refuses a product with the zero plaintext (it is zero anyway)
+                        pc.evaluator.multiply_plain_inplace(ct, pc.encode(plain))
+                        pc.evaluator.add_inplace(reply, ct)
                 if flood:
-                    pc.evaluator.add_inplace(ct, self._flooding_noise(pc, prg))
-                out.append(pc.save(ct))
+                    pc.evaluator.add_inplace(reply, self._flooding_noise(pc, prg))
+                out.append(pc.save(reply))
         return out, np.uint64(0) - R[0]  # -R mod 2**64 is minus R's low limb
 
     @staticmethod

@@ -62,9 +62,30 @@ class CorrelationError(RuntimeError):
 # ---------------------------------------------------------------------------
 # Messages: a list of byte strings as one length-prefixed uint8 tensor
 # ---------------------------------------------------------------------------
+def pack_message(blobs: list[bytes]) -> bytes:
+    return struct.pack(f"<Q{len(blobs)}Q", len(blobs), *map(len, blobs)) + b"".join(blobs)
+
+
+def unpack_message(data: bytes) -> list[bytes]:
+    """The parts of a message; CorrelationError if its framing is inconsistent."""
+    if len(data) < 8:
+        raise CorrelationError(f"correlated-randomness message of {len(data)} bytes is too short")
+    (count,) = struct.unpack_from("<Q", data, 0)
+    if 8 + 8 * count > len(data):
+        raise CorrelationError(f"correlated-randomness message announces {count} parts in {len(data)} bytes")
+    lengths = struct.unpack_from(f"<{count}Q", data, 8)
+    offset = 8 + 8 * count
+    if offset + sum(lengths) != len(data):
+        raise CorrelationError("correlated-randomness message: part lengths do not add up to its size")
+    blobs = []
+    for length in lengths:
+        blobs.append(data[offset : offset + length])
+        offset += length
+    return blobs
+
+
 def _send_blobs(blobs: list[bytes], dst: int) -> None:
-    header = struct.pack(f"<Q{len(blobs)}Q", len(blobs), *map(len, blobs))
-    payload = np.frombuffer(header + b"".join(blobs), dtype=np.uint8)
+    payload = np.frombuffer(pack_message(blobs), dtype=np.uint8)
     group = comm.get().main_group
     dist.send(torch.tensor([payload.size], dtype=torch.long), dst, group=group)
     dist.send(torch.from_numpy(payload.copy()), dst, group=group)
@@ -81,19 +102,7 @@ def _recv_blobs(src: int) -> list[bytes]:
     payload = torch.empty(n_bytes, dtype=torch.uint8)
     dist.recv(payload, src, group=group)
     _log_traffic(n_bytes)
-    data = payload.numpy().tobytes()
-    (count,) = struct.unpack_from("<Q", data, 0)
-    if 8 + 8 * count > n_bytes:
-        raise CorrelationError(f"correlated-randomness message announces {count} parts in {n_bytes} bytes")
-    lengths = struct.unpack_from(f"<{count}Q", data, 8)
-    offset = 8 + 8 * count
-    if offset + sum(lengths) != n_bytes:
-        raise CorrelationError("correlated-randomness message: part lengths do not add up to its size")
-    blobs = []
-    for length in lengths:
-        blobs.append(data[offset : offset + length])
-        offset += length
-    return blobs
+    return unpack_message(payload.numpy().tobytes())
 
 
 def _log_traffic(n_bytes: int) -> None:
