@@ -30,4 +30,4 @@ def test_readme_examples_run_as_a_plain_script(tmp_path):
     assert len(lines) == 2, done.stdout  # one line per print: the script ran once, not again in a child
     assert lines[0].startswith("The history of the city") and len(lines[0]) > len("The history of the city") + 5
     n_tokens, n_bytes = map(int, lines[1].split())
-    assert n_tokens > 8 and n_bytes > 0
+    assert n_tokens >= 6 and n_bytes > 0

@@ -185,6 +185,11 @@ def _chunks(n: int, slots: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + slots)) for s in range(0, n, slots)]
 
 
+def chunk_bounds(n: int, params: OLEParams | None = None) -> list[tuple[int, int]]:
+    """[start, stop) of each run of values that fills one ciphertext's slots."""
+    return _chunks(n, (params or OLEParams()).poly_modulus_degree)
+
+
 class OLEClient:
     """The client's side: owns the secret keys (one per prime), encrypts its
     operands, decrypts the server's answers and recombines them."""

@@ -13,23 +13,23 @@ src=rank_of("client"))``) and never hard-code ranks.
 
 Dealer modes
 ------------
-``dealer="ttp"`` (default): a third OS process (:func:`run_dealer`) deals the
-tuples at rank ``world_size`` = 2, which is where CrypTen's communicator puts
-the TTP (``get_ttp_rank() == world_size``). It is CrypTen's TrustedThirdParty
-construction with a leaner wire protocol (:mod:`cryptogen_hf.mpc.dealer`): it
-shares a PRG seed with each party and sends party 0 (the server) the
-correction share of every triple. Neither party sees a whole triple; the
-dealer must not collude with either party.
+``dealer="none"`` (default): two processes and nobody else. Every party
+draws its shares from its own AES-CTR generator and the cross terms of the
+triples come from HE between the two (:mod:`cryptogen_hf.mpc.two_party`):
+the provider is set up in :func:`init_party`, right after the PRG seeds.
 
-``dealer="client"``: the client makes all triples. CrypTen's own
-``TrustedFirstParty`` hard-codes party 0 as the dealer; instead of remapping
-the client to rank 0 in this mode (which would make every ``src=`` in the rest
-of the code base depend on the dealer setting), we register a small provider,
-:class:`ClientDealerProvider`, that is CrypTen's TFP logic with the dealer
-rank as a parameter (= ``rank_of("client")``). Ranks stay server=0, client=1
-in every mode. Consequence (see docs/THREAT_MODEL.md): the client knows every
-triple, so it could unmask values the server opens in multiplications; the
-client's own input privacy is unaffected.
+``dealer="ttp"``: a third OS process (:func:`run_dealer`) deals the tuples at
+rank ``world_size`` = 2, which is where CrypTen's communicator puts the TTP
+(``get_ttp_rank() == world_size``). CrypTen's TrustedThirdParty construction
+with a leaner wire protocol (:mod:`cryptogen_hf.mpc.dealer`). Sessions refuse
+it (a dealer must run on a host neither party controls, and there is no such
+service yet); :func:`launch_local` uses it for three-process benchmarks.
+
+``dealer="client"``: the client makes all triples (:class:`ClientDealerProvider`,
+CrypTen's TFP logic with the dealer rank as a parameter, so ranks stay
+server=0, client=1 in every mode). The client then knows every triple and so
+every value opened in a multiplication: every activation. Sessions allow it
+only with ``mpc.client_sees_activations: true`` on both sides.
 
 Timeouts
 --------

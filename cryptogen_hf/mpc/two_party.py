@@ -46,7 +46,7 @@ from crypten.config import cfg  # noqa: E402
 from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
 from crypten.mpc.provider.provider import TupleProvider  # noqa: E402
 
-from ..he.ole import OLEClient, OLEServer  # noqa: E402
+from ..he.ole import OLEClient, OLEServer, chunk_bounds  # noqa: E402
 
 PROVIDER_NAME = "CRYPTOGEN_TWO_PARTY"
 SERVER_RANK, CLIENT_RANK = 0, 1  # as in runtime (which imports this module)
@@ -84,12 +84,18 @@ def unpack_message(data: bytes) -> list[bytes]:
     return blobs
 
 
-def _send_blobs(blobs: list[bytes], dst: int) -> None:
-    payload = np.frombuffer(pack_message(blobs), dtype=np.uint8)
+def _isend_blobs(blobs: list[bytes], dst: int) -> list:
+    """Send without waiting; returns [(work, buffer)] to wait on (the buffers must stay alive)."""
+    payload = torch.from_numpy(np.frombuffer(pack_message(blobs), dtype=np.uint8).copy())
+    size = torch.tensor([payload.numel()], dtype=torch.long)
     group = comm.get().main_group
-    dist.send(torch.tensor([payload.size], dtype=torch.long), dst, group=group)
-    dist.send(torch.from_numpy(payload.copy()), dst, group=group)
-    _log_traffic(payload.size)
+    _log_traffic(payload.numel())
+    return [(dist.isend(size, dst, group=group), size), (dist.isend(payload, dst, group=group), payload)]
+
+
+def _send_blobs(blobs: list[bytes], dst: int) -> None:
+    for work, _ in _isend_blobs(blobs, dst):
+        work.wait()
 
 
 def _recv_blobs(src: int) -> list[bytes]:
@@ -186,21 +192,33 @@ class TwoPartyProvider(TupleProvider):
     # -- the one HE exchange --------------------------------------------------
     def _cross(self, x: torch.Tensor, y: torch.Tensor, wide: bool) -> torch.Tensor:
         """This party's share (int64, mod 2**64) of x_server*y_client + x_client*y_server,
-        elementwise; x and y are this party's own values (same shape)."""
+        elementwise; x and y are this party's own values (same shape).
+
+        One exchange per chunk of N slots, sent without waiting: the server
+        evaluates chunk c while the client encrypts chunk c + 1 and decrypts
+        chunk c - 1, so the two processes work at the same time."""
         if x.shape != y.shape:
             raise ValueError(f"cross product of different shapes {tuple(x.shape)} and {tuple(y.shape)}")
         if x.numel() == 0:
             return torch.zeros(x.shape, dtype=torch.long)
         start = time.perf_counter()
         xs, ys = _as_u64(x), _as_u64(y)
+        chunks = chunk_bounds(xs.size)
+        share = np.empty(xs.size, dtype=np.uint64)
+        pending = []  # async sends: their buffers must live until they complete
         if self._client is not None:
-            _send_blobs(self._client.encrypt(xs, ys, wide), SERVER_RANK)
-            share = self._client.decrypt(_recv_blobs(SERVER_RANK), xs.size, wide)
+            for lo, hi in chunks:
+                pending += _isend_blobs(self._client.encrypt(xs[lo:hi], ys[lo:hi], wide), SERVER_RANK)
+            for lo, hi in chunks:
+                share[lo:hi] = self._client.decrypt(_recv_blobs(SERVER_RANK), hi - lo, wide)
         elif self._server is not None:
-            replies, share = self._server.evaluate(_recv_blobs(CLIENT_RANK), xs, ys, wide, self._local_prg())
-            _send_blobs(replies, CLIENT_RANK)
+            for lo, hi in chunks:
+                replies, share[lo:hi] = self._server.evaluate(_recv_blobs(CLIENT_RANK), xs[lo:hi], ys[lo:hi], wide, self._local_prg())
+                pending += _isend_blobs(replies, CLIENT_RANK)
         else:
             raise RuntimeError("two-party correlations used before setup() (no HE keys exchanged)")
+        for work, _ in pending:
+            work.wait()
         self.stats["seconds"] += time.perf_counter() - start
         self.stats["requests"] += 1
         return torch.from_numpy(share.view(np.int64).copy()).reshape(x.shape)

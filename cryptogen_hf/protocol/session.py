@@ -263,6 +263,11 @@ class ClientSession:
         self._request(op="fill_for_benchmark", length=int(n_tokens))
         self.runner.fill_for_benchmark(n_tokens, seed)
 
+    def correlation_stats(self) -> dict:
+        """This client's account of the correlated randomness made so far (dealer "none"):
+        seconds spent, correlations made, by kind; {} in other modes."""
+        return dict(getattr(runtime.correlation_provider(), "stats", {}))
+
     def stats(self) -> dict:
         """Token count, encrypted-cache bytes and the server's timings; nothing is decrypted."""
         self._request(op="stats")
