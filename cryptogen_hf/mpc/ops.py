@@ -117,16 +117,25 @@ def reciprocal_bracketed(s, max_value: float, extra=None, nr_iters: int = 2):
 
 
 # Group size of the max tournament. A level compares all pairs of a group in
-# ONE batched comparison (~8 rounds; CrypTen's comparison is the expensive
-# part), then picks the winner with ~log2(g) + 1 multiplication rounds.
-# Measured for a (12, 1, 512) softmax (scripts/bench_mpc_ops.py, client
-# dealer / TTP dealer, this 2-core machine):
+# ONE batched comparison (~8 rounds), then picks the winner with ~log2(g) + 1
+# multiplication rounds. Groups of g make (g - 1)/2 comparisons per member
+# per level: about n comparisons in all for g = 2, 2n for g = 4.
+# Measured for a (12, 1, 512) softmax (scripts/bench_mpc_ops.py, this 2-core
+# machine), with a dealer (client dealer / TTP), where rounds cost most:
 #   g = 2: 103 rounds,  7.4 MiB, 0.33 s / 0.62 s (before the leaner TTP wire)
 #   g = 4:  75 rounds, 13.6 MiB, 0.29 s / 0.35 s
 #   g = 8:  58 rounds, 25.2 MiB, 0.26 s / 0.32 s
-# Groups of 4 take most of the gain for half the traffic of groups of 8,
-# which matters once the parties are on a real network.
+# Without a dealer every AND gate is made by HE, so comparisons cost most:
+# the max alone of (12, 1, 512) takes 4.3 s with g = 4 (1.19 M AND gates)
+# and 2.3 s with g = 2 (0.60 M), rounds notwithstanding.
 MAX_GROUP = 4
+MAX_GROUP_WITHOUT_DEALER = 2
+
+
+def _max_group() -> int:
+    from .two_party import PROVIDER_NAME
+
+    return MAX_GROUP_WITHOUT_DEALER if cfg.mpc.provider == PROVIDER_NAME else MAX_GROUP
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,12 +164,14 @@ def _product_last_dim(bits):
     return bits[..., 0]
 
 
-def _max_last_dim(x, group: int = MAX_GROUP):
+def _max_last_dim(x, group: int | None = None):
     """Row max along the last dim by a tournament of groups of up to `group`
     members: ceil(log_group n) levels, each one batched comparison of all
     pairs in every group plus ~log2(group) + 1 multiplication rounds. Rows are
     padded with copies of their first entry (a real score, so the max is
-    unchanged). Returns (..., 1)."""
+    unchanged). ``group`` defaults to the cheaper size for the session's
+    provider (:func:`_max_group`). Returns (..., 1)."""
+    group = group or _max_group()
     while x.size(-1) > 1:
         n = x.size(-1)
         g = min(group, n)
@@ -193,7 +204,7 @@ def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_
     visible) before the max, so the max is over visible entries only, and
     their exp is zeroed by the public mask.
 
-    Steps: row max (tournament of groups of MAX_GROUP) -> exp(x - max) by CrypTen's limit method
+    Steps: row max (tournament, groups of _max_group()) -> exp(x - max) by CrypTen's limit method
     (domain x - max in [-2**exp_iterations, 0]) -> sum in [1, n] ->
     bracketed reciprocal -> e * (1/sum) with the p-rescaling.
     """

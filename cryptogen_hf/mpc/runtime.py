@@ -587,6 +587,17 @@ def child_main(job_path: str, result_path: str) -> None:
         os._exit(1)  # do not wait in torch.distributed teardown with a dead peer
 
 
+def _import_root(module_name: str) -> str:
+    """The folder from which ``module_name`` is imported (a test or script folder
+    is not on a child's path otherwise); the installed package needs none."""
+    top = sys.modules[module_name.split(".")[0]]
+    path = os.path.abspath(top.__file__)
+    levels = 2 if os.path.basename(path) == "__init__.py" else 1
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
+
+
 def launch_local(
     fn: Callable[..., Any],
     config: MPCConfig,
@@ -615,7 +626,7 @@ def launch_local(
     if config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
     roles = list(PARTY_ROLES) + ([DEALER] if config.uses_ttp else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_import_root(fn.__module__), os.environ.get("PYTHONPATH")])))
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}  # role -> description, in order of arrival
     with tempfile.TemporaryDirectory(prefix="cryptogen-launch-") as tmp:

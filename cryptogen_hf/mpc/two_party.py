@@ -51,8 +51,10 @@ from ..he.ole import OLEClient, OLEServer, chunk_bounds  # noqa: E402
 PROVIDER_NAME = "CRYPTOGEN_TWO_PARTY"
 SERVER_RANK, CLIENT_RANK = 0, 1  # as in runtime (which imports this module)
 # Largest message the receiver accepts (a malformed length must not make it
-# allocate gigabytes): one request never exceeds this many bytes.
-MAX_MESSAGE_BYTES = 1 << 31
+# allocate gigabytes). The largest real one is one chunk of the client's
+# request: 2 operands x 4 primes of seeded ciphertexts, ~1.6 MB (the session's
+# public keys, sent once, are ~1.7 MB).
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 class CorrelationError(RuntimeError):
