@@ -19,7 +19,8 @@ opened with them.
 Batches: one HE exchange costs about the same for 1 or 8192 values (a
 ciphertext has 8192 slots), and a token asks for hundreds of small tuples.
 So elementwise triples, squares, AND triples and B2A bits are made in
-batches of whole ciphertexts (:data:`BATCH`) into per-kind pools, and each
+batches of whole ciphertexts (:data:`BATCH`) into per-kind pools, one batch
+of each at session set-up and the next whenever a pool runs dry, and each
 request takes the next unused values: every value is used once. A request
 with broadcasting (a of shape (n, 1) times b of shape (n, d)) gets a triple
 of the broadcast shape: CrypTen's Beaver step then masks the broadcast copy
@@ -149,6 +150,11 @@ class _Pool:
         self._parts: tuple | None = None
         self._used = 0
 
+    def fill(self) -> None:
+        """Make a batch now if the pool is empty (ahead of use)."""
+        if self._parts is None:
+            self._parts, self._used = self._make(self._batch), 0
+
     def take(self, n: int) -> tuple:
         have = 0 if self._parts is None else self._parts[0].numel() - self._used
         if have < n:
@@ -178,14 +184,18 @@ class TwoPartyProvider(TupleProvider):
         }
         self.stats = {"seconds": 0.0, "requests": 0, "arithmetic": 0, "and_bits": 0, "b2a_bits": 0}
 
-    # -- session set-up: the client's cross-product public keys ------------------
+    # -- session set-up: the client's cross-product public keys, first batches ---
     def setup(self, rank: int) -> None:
+        """Exchange the keys, then make one batch of every kind ahead of use (in
+        the same order on both sides), so the first token does not wait for them."""
         start = time.perf_counter()
         if rank == CLIENT_RANK:
             self._client = OLEClient()
             _send_blobs(self._client.public_keys(), SERVER_RANK)
         else:
             self._server = OLEServer(_recv_blobs(CLIENT_RANK))
+        for pool in self._pools.values():
+            pool.fill()
         self.stats["setup_seconds"] = time.perf_counter() - start
 
     def _local_prg(self):
