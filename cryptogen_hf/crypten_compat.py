@@ -154,6 +154,7 @@ def import_crypten():
         if not hasattr(crypten, attr):
             raise CryptenCompatError(f"crypten imported but lacks crypten.{attr}")
     _install_secure_randomness(crypten)
+    _install_lean_comparison()
     _crypten = crypten
     return crypten
 
@@ -242,6 +243,9 @@ def _install_secure_randomness(crypten) -> None:
     client_core._setup_generators = _ttp_client_setup_generators
     ttp_provider.TTPServer._setup_generators = _ttp_server_setup_generators
 
+
+def _install_lean_comparison() -> None:
+    """MPCTensor._ltz (under every CrypTen comparison) -> mpc/compare.py."""
     from crypten.mpc.mpc import MPCTensor
 
     if not callable(getattr(MPCTensor, "_ltz", None)):

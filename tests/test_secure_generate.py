@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipe
 from cryptogen_hf import SHIPPED_MODEL_DIR
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 
-# Prompts whose greedy continuation (12 tokens, of which the test runs 10) has no near-tie in plaintext: the
+# Prompts whose greedy continuation (12 tokens, of which the test runs 8) has no near-tie in plaintext: the
 # top-2 logit gap is >= 0.08 at every step (several other natural prompts have gaps
 # of 0.002-0.03, where identical tokens would be luck at our logit error of ~0.03).
 PROMPTS = [
@@ -27,7 +27,7 @@ PROMPTS = [
     "After the war , the",
     "The team won",
 ]
-NEW_TOKENS = 10
+NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
     return results
 
 
-@pytest.mark.timeout(1800)  # 4 prompts x 10 tokens at seconds per token
+@pytest.mark.timeout(1800)  # 4 prompts x 8 tokens at seconds per token
 def test_greedy_generation_is_token_identical_to_plaintext(plain_model):
     # Two concurrent client processes, each with its own session (own keys,
     # own server worker), prompts split between them.
@@ -138,11 +138,11 @@ def test_streamer_and_pipeline(secure_model, tokenizer):
     ids = tokenizer("First Citizen:", return_tensors="pt").input_ids
     buffer = io.StringIO()
     with redirect_stdout(buffer):
-        out = secure_model.generate(ids, max_new_tokens=3, do_sample=False, streamer=TextStreamer(tokenizer))
+        out = secure_model.generate(ids, max_new_tokens=2, do_sample=False, streamer=TextStreamer(tokenizer))
     assert buffer.getvalue().strip() == tokenizer.decode(out[0]).strip()
 
     generator = pipeline("text-generation", model=secure_model, tokenizer=tokenizer)
-    text = generator("First Citizen:", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    text = generator("First Citizen:", max_new_tokens=2, do_sample=False)[0]["generated_text"]
     assert text == tokenizer.decode(out[0])
 
 
