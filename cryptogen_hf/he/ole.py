@@ -101,12 +101,9 @@ def limbs_mod(limbs: list[np.ndarray], m: int) -> np.ndarray:
     return out
 
 
-def _if_np_has_longdouble_precision() -> None:
-    if np.finfo(np.longdouble).nmant < 63:
-        raise RuntimeError("cross products need 64-bit-mantissa long doubles (x86-64); this platform has fewer bits")
-
-
-_if_np_has_longdouble_precision()
+# mulmod's quotient needs x86-64's 64-bit-mantissa long doubles: refuse elsewhere, at import.
+if np.finfo(np.longdouble).nmant < 63:
+    raise RuntimeError("cross products need 64-bit-mantissa long doubles (x86-64); this platform has fewer bits")
 
 
 # ---------------------------------------------------------------------------
