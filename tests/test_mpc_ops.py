@@ -75,6 +75,19 @@ def gelu_grid() -> torch.Tensor:
     return torch.linspace(-8.0, 8.0, 8001)
 
 
+COARSE_BITS = 12  # a coarse comparison ignoring 12 low bits may misread [0, 2**-4)
+
+
+def comparison_inputs() -> torch.Tensor:
+    """Every fixed-point step from -2**-3 to 2**-3 (both sides of the coarse
+    band), the edges of the 36-bit range, and a spread of ordinary values."""
+    unit = 2.0**-16
+    near_zero = torch.arange(-(2**13), 2**13 + 1, dtype=torch.float64) * unit
+    edges = torch.tensor([-(2.0**19) + 1, -1000.0, -1.0, 1.0, 1000.0, 2.0**19 - 1], dtype=torch.float64)
+    spread = torch.randn(2000, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 100.0
+    return torch.cat([near_zero, edges, spread]).float()
+
+
 # --------------------------------------------------------------------------
 # Party programs (module level: spawned processes import them)
 # --------------------------------------------------------------------------
@@ -105,6 +118,10 @@ def main_program(role):
         y = fn(_share_from(crypten, role, owner, x))
         out[name] = y.get_plain_text()
 
+    from cryptogen_hf.mpc.compare import ACTIVATION_BITS, ltz
+
+    run("ltz_exact", lambda z: ltz(z, ACTIVATION_BITS), comparison_inputs())
+    run("ltz_coarse", lambda z: ltz(z, ACTIVATION_BITS, ignore_low_bits=COARSE_BITS), comparison_inputs())
     run("gelu", ops.gelu, gelu_grid())
     for n in (64, 512):
         run(f"softmax_decode_{n}", ops.softmax, gpt2_like_scores(12, 1, n, seed=n))
@@ -321,6 +338,19 @@ def test_dealer_request_encoding():
         _encode_request("additive", (1,), (1,), "conv2d")
     with pytest.raises(ValueError, match="dims"):
         _encode_request("square", (1,) * 9)
+
+
+def test_comparison_exact_and_coarse(run):
+    """Exact at 36 bits on every input; ignoring 12 low bits, exact outside
+    [0, 2**-4) and inside it never claiming a negative value is >= 0."""
+    x = comparison_inputs()
+    want = (x < 0).float()
+    assert torch.equal(run["server"]["ltz_exact"], want)
+    coarse = run["server"]["ltz_coarse"]
+    band = (x >= 0) & (x < 2.0 ** (COARSE_BITS - 16))
+    assert torch.equal(coarse[~band], want[~band])
+    assert torch.all((coarse[band] == 0) | (coarse[band] == 1))
+    assert coarse[band].sum() > 0  # the band is real: some of it reads negative
 
 
 def test_gelu_accuracy_dense_grid(run):

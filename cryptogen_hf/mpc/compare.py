@@ -24,6 +24,15 @@ sign of x. So a caller that knows such a bound (activations, attention
 scores: :data:`ACTIVATION_BITS`) passes ``bits=k`` and the carry chain is
 k - 1 bits long (k = 36: 97 AND gates). The bound is on the fixed-point
 encoding, i.e. |value| < 2**(k - 1 - 16) for CrypTen's 16 fractional bits.
+
+Coarse comparisons: a caller that only needs the sign of values away from
+zero passes ``ignore_low_bits=L``: the L low bits of each share are dropped
+and the carry out of them taken as 0. Then floor(s0 / 2**L) + floor(s1 / 2**L)
+= floor(x / 2**L) - c with c in {0, 1}, whose sign is x's except when
+0 <= x < 2**L, where [x < 0] may read 1. The error is one-sided and confined
+to [0, 2**(L - 16)) in value units; the chain is L bits shorter (k = 36,
+L = 12: 63 AND gates instead of 97). GELU's cut and the softmax max use it
+(:mod:`cryptogen_hf.mpc.ops` says why each tolerates it).
 """
 
 from __future__ import annotations
@@ -84,20 +93,25 @@ def _carry_tree(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return g[:, 0]
 
 
-def ltz(x, bits: int = RING_BITS):
+def ltz(x, bits: int = RING_BITS, ignore_low_bits: int = 0):
     """[x < 0] for an arithmetic MPCTensor x whose fixed-point encoding is
     below 2**(bits - 1) in magnitude, as an arithmetic MPCTensor of 0/1 with
-    encoder scale 1 (what CrypTen's ``MPCTensor._ltz`` returns)."""
+    encoder scale 1 (what CrypTen's ``MPCTensor._ltz`` returns). With
+    ``ignore_low_bits=L`` the result may also read 1 where the encoding is
+    in [0, 2**L) (module docstring)."""
     from crypten.mpc.ptype import ptype as Ptype
 
     if comm.get().get_world_size() != 2:
         raise RuntimeError("cryptogen_hf's comparison is written for exactly two parties")
     if not 2 <= bits <= RING_BITS:
         raise ValueError(f"comparison width must be in 2..{RING_BITS} bits, got {bits}")
-    low = bits - 1
+    if not 0 <= ignore_low_bits < bits - 1:
+        raise ValueError(f"ignore_low_bits must be in 0..{bits - 2} for a {bits}-bit comparison, got {ignore_low_bits}")
+    low = bits - 1 - ignore_low_bits
     share = x._tensor.share
     shape = share.shape
-    mine = _bits(share, bits)  # this party's share bits: its XOR share of s0[i] / s1[i]
+    # This party's share bits ignore_low_bits .. bits - 1 (its XOR share of s0[i] / s1[i]).
+    mine = _bits(share, bits)[:, ignore_low_bits:]
     rank = comm.get().get_rank()
     zero = torch.zeros_like(mine[:, :low])
     # AND of the server's bit and the client's bit: inputs shared as (s0, 0) and (0, s1).
@@ -113,6 +127,6 @@ def ltz(x, bits: int = RING_BITS):
     return result
 
 
-def ge_zero(x, bits: int = RING_BITS):
-    """[x >= 0], same contract as :func:`ltz`."""
-    return 1 - ltz(x, bits)
+def ge_zero(x, bits: int = RING_BITS, ignore_low_bits: int = 0):
+    """[x >= 0], same contract as :func:`ltz` (may read 0 on [0, 2**L))."""
+    return 1 - ltz(x, bits, ignore_low_bits)

@@ -130,6 +130,15 @@ def reciprocal_bracketed(s, max_value: float, extra=None, nr_iters: int = 2):
 # and 2.3 s with g = 2 (0.60 M), rounds notwithstanding.
 MAX_GROUP = 4
 MAX_GROUP_WITHOUT_DEALER = 2
+# The max need not be exact: softmax is shift-invariant, and it only has to
+# keep exp's argument x - max near or below 0. So pairwise comparisons
+# ignore the low 12 bits (compare.py): a level may pick the member up to
+# 2**-4 below its partner, so the result is at most levels * 2**-4 below the
+# true max (0.56 for 512 keys) and never above it. Only for pairs: in a
+# group of 3 or more, misread ties can form a cycle (0 beats 1 beats 2 beats
+# 0) with no winner, so larger groups compare exactly.
+MAX_SLACK_BITS = 12
+MAX_SLACK = 2.0 ** (MAX_SLACK_BITS - _PRECISION_BITS)
 
 
 def _max_group() -> int:
@@ -170,7 +179,8 @@ def _max_last_dim(x, group: int | None = None):
     pairs in every group plus ~log2(group) + 1 multiplication rounds. Rows are
     padded with copies of their first entry (a real score, so the max is
     unchanged). ``group`` defaults to the cheaper size for the session's
-    provider (:func:`_max_group`). Returns (..., 1)."""
+    provider (:func:`_max_group`). Returns (..., 1): with groups of 2, one of
+    the row's entries at most MAX_SLACK per level below its max."""
     group = group or _max_group()
     while x.size(-1) > 1:
         n = x.size(-1)
@@ -181,11 +191,13 @@ def _max_last_dim(x, group: int | None = None):
             x = crypten.cat([x, pad], dim=-1)
         members = x.reshape(*x.shape[:-1], n_groups, g)
         left, right, beats = _tournament_indices(g)
-        c = ge_zero(members.index_select(-1, left) - members.index_select(-1, right), ACTIVATION_BITS)  # (..., G, pairs)
+        diff = members.index_select(-1, left) - members.index_select(-1, right)
+        c = ge_zero(diff, ACTIVATION_BITS, ignore_low_bits=MAX_SLACK_BITS if g == 2 else 0)  # (..., G, pairs)
         wins = crypten.cat([c, 1 - c], dim=-1).index_select(-1, beats)
         winner = _product_last_dim(wins.reshape(*wins.shape[:-1], g, g - 1))  # (..., G, g), one-hot
         x = (winner * members).sum(-1)  # (..., G)
     return x
+
 
 def causal_mask(t_query: int, t_key: int) -> torch.Tensor:
     """Public 0/1 mask: query i (the i-th of the last t_query positions)
@@ -221,13 +233,16 @@ def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_
         x = x * mask + x[..., :1] * (1 - mask)  # public 0/1 multiplications
 
     m = _max_last_dim(x)
-    t = x - m  # <= 0
+    t = x - m  # <= levels * MAX_SLACK (the max's comparisons are coarse)
     with cfg.temp_override({"functions.exp_iterations": exp_iterations}):
         e = t.exp()
     if mask is not None:
         e = e * mask
-    s = e.sum(-1)  # in [1, n]: the max element contributes exp(0) = 1
-    return reciprocal_bracketed(s, float(n), extra=e, nr_iters=nr_iters)
+    # The true max's entry contributes exp(>= 0) >= 1, and each of the n
+    # entries at most exp(levels * MAX_SLACK): s in [1, n e**(levels*slack)].
+    s = e.sum(-1)
+    levels = math.ceil(math.log2(n)) if n > 1 else 0
+    return reciprocal_bracketed(s, n * math.exp(levels * MAX_SLACK), extra=e, nr_iters=nr_iters)
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +250,9 @@ def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_
 # ---------------------------------------------------------------------------
 GELU_CUT = 3.5  # outside [-a, a]: gelu(x) = x (x > a) or 0 (x < -a)
 GELU_DEGREE = 6  # Chebyshev degree in u = 2 x^2 / a^2 - 1 (i.e. degree 12 in x)
+# The cut comparisons may misread x within 2**-5 past the cut (compare.py):
+# there the polynomial, extrapolated, is off by at most 8e-4 (1.5e-3 for 2**-4).
+GELU_SLACK_BITS = 11
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +311,9 @@ def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
     Max abs error on [-8, 8] ~1e-3 (see tests)."""
     coef = _gelu_coefficients(cut, degree)
     # Both comparisons in one call: stack [x - cut, -x - cut] and test >= 0.
-    c = ge_zero(crypten.stack([x - cut, -x - cut]), ACTIVATION_BITS)
+    # Coarse (GELU_SLACK_BITS): just past the cut, the polynomial may be used
+    # instead of x or 0, which adds at most 8e-4 there (tested).
+    c = ge_zero(crypten.stack([x - cut, -x - cut]), ACTIVATION_BITS, ignore_low_bits=GELU_SLACK_BITS)
     above, below = c[0], c[1]
 
     u = x.square() * (2.0 / (cut * cut)) - 1.0
