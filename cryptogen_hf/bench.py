@@ -73,7 +73,7 @@ class TokenTimer:
 
 
 TRUST_MODELS = {
-    "none": "two semi-honest parties, no dealer: each party's correlated randomness made with the other by HE",
+    "none": "two semi-honest parties, no dealer: correlated randomness made by the two of them (AND triples by OT extension, the rest by HE)",
     "client": "the client deals the MPC triples and sees every activation (weights treated as public)",
 }
 
