@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 @dataclass
 class HESettings:
     poly_modulus_degree: int = 8192
-    plain_modulus_bits: int = 50
+    plain_modulus_bits: int = 44
     # Bit sizes of the ciphertext modulus primes (None: the library default
     # for the ring size, he/params.py). Part of the handshake fingerprint.
     coeff_modulus_bits: list[int] | None = None

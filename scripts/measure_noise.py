@@ -7,7 +7,7 @@ We need |results| < p/2 for sums of 3072 products of 13-14-bit operands
 Fewer, larger primes in the chain make every operation cheaper for a little
 less budget (he/params.py explains the chain we ship).
 Usage: python scripts/measure_noise.py [--bits 50] [--chains default 43,43,44,44,44]
-       [--out results/noise_budget.json]
+       [--ring 8192] [--out results/noise_budget.json]
 """
 
 import argparse
@@ -44,8 +44,8 @@ def _op_times(cl, sv, p, rng) -> dict:
     }
 
 
-def measure(bits: int, chain: list[int] | None = None, T: int = 128) -> dict:
-    params = HEParams(plain_modulus_bits=bits, coeff_modulus_bits=chain)
+def measure(bits: int, chain: list[int] | None = None, T: int = 128, ring: int = 8192) -> dict:
+    params = HEParams(poly_modulus_degree=ring, plain_modulus_bits=bits, coeff_modulus_bits=chain)
     cl = ClientHE(params)
     rng = np.random.default_rng(0)
     mv = DecodeMatvecPlan(3072, 768, params)
@@ -55,7 +55,7 @@ def measure(bits: int, chain: list[int] | None = None, T: int = 128) -> dict:
     inner.model = sv.noise_model
     p = params.plain_modulus
     x = cl.encrypt(mv.pack_input(rng.integers(0, p, 3072, dtype=np.uint64)))
-    out = {"p": p, "p_bits": params.plain_modulus_bits, "chain": "-".join(map(str, params.coeff_modulus_bits)), "fresh": cl.noise_budget(x)}
+    out = {"N": ring, "p": p, "p_bits": params.plain_modulus_bits, "chain": "-".join(map(str, params.coeff_modulus_bits)), "fresh": cl.noise_budget(x)}
     W = rng.integers(-(p // 2), p // 2, (3072, 768))  # worst case: full-size weights
     y = mv.apply(sv, mv.encode_weights(sv, W), x)
     out["matvec_3072x768"] = min(cl.noise_budget(c) for c in y)
@@ -87,10 +87,11 @@ def main():
         "--chains", nargs="+", default=["default"],
         help="coefficient-modulus chains to compare: 'default' (the shipped one) or comma-separated prime sizes",
     )
+    ap.add_argument("--ring", type=int, default=8192, help="ring dimension N (8192 or 16384)")
     ap.add_argument("--out", default="results/noise_budget.json")
     args = ap.parse_args()
     chains = [None if c == "default" else [int(b) for b in c.split(",")] for c in args.chains]
-    rows = [measure(b, chain) for chain in chains for b in args.bits]
+    rows = [measure(b, chain, ring=args.ring) for chain in chains for b in args.bits]
     keys = [k for k in rows[0] if k not in ("p", "noise_model")]
     print(" | ".join(f"{k:>16}" for k in keys))
     for r in rows:

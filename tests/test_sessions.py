@@ -37,20 +37,28 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
         model.close()
 
 
-def test_cropped_cache_continues_like_the_cropped_text(server, tiny_checkpoint):
+def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlations(server, tiny_checkpoint):
     _, port = server
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
+        assert model.prepare_correlations(2) is False  # no decode token yet to size them from
+        with pytest.raises(ValueError, match="prepare asks for 0 tokens"):
+            model.prepare_correlations(0)
         cache = EncryptedCache(model)
         out = model.generate(torch.tensor([[11, 12, 13]]), cache=cache, max_new_tokens=5, do_sample=False)
         assert cache.get_seq_length() == 7
         cache.crop(-3)  # keep 4 tokens: the last kept cache block is re-encrypted with slots zeroed
         assert cache.get_seq_length() == 4 and model.session.stats()["tokens"] == 4
         assert model.session.stats()["refreshed_blocks"] == model.config.n_layer
+        # Made while "idle", the correlations of the next 3 one-token passes:
+        # those passes then make none (the offline clock stands still).
+        assert model.prepare_correlations(3) is True
+        offline_s = model.session.correlation_stats()["seconds"]
         kept = torch.cat([out[:, :4], torch.tensor([[42]])], dim=1)
         continued = model.generate(kept, cache=cache, max_new_tokens=3, do_sample=False)
         assert continued.tolist() == plain.generate(kept, max_new_tokens=3, do_sample=False).tolist()
+        assert model.session.correlation_stats()["seconds"] == offline_s
     finally:
         model.close()
 

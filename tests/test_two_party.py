@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cryptogen_hf.he import CiphertextError
-from cryptogen_hf.he.ole import FLOOD_MARGIN_BITS, OLEClient, OLEServer, flood_bits, mulmod
+from cryptogen_hf.he.flooding import mulmod
+from cryptogen_hf.he.ole import FLOOD_MARGIN_BITS, OLEClient, OLEServer, flood_bits
 from cryptogen_hf.mpc.prg import AESCounterPRG
 from cryptogen_hf.mpc.two_party import CorrelationError, pack_message, unpack_message
 
@@ -63,7 +64,7 @@ def test_replies_are_flooded_and_still_decrypt(pair):
     pc = server.primes[0]
     before, after = client.noise_budget(bare[0]), client.noise_budget(flooded[0])
     # Flooding noise 2**flood_bits must dwarf the products' noise by >= 2**64 ...
-    products_noise_bits = pc.delta_bits - before
+    products_noise_bits = pc.flooder.delta_bits - before
     assert flood_bits(pc) - products_noise_bits >= 64, (flood_bits(pc), before)
     # ... and the flooded reply must still decrypt exactly (budget left, and the shares add up).
     assert after >= FLOOD_MARGIN_BITS - 2 and after < before - 60

@@ -35,6 +35,7 @@ import numpy as np
 import tenseal.sealapi as sealapi
 
 from .diagonal import Region, WindowLayout, baby_giant_sum, fold, fold_rotations, fold_steps
+from .flooding import RESULT_STATISTICAL_BITS
 
 
 def _apply_encrypted_diagonals(he, lay: WindowLayout, diag_cts, ct_in):
@@ -317,8 +318,11 @@ class InnerKVCache:
         o = self.slot_offset(t)
         return np.arange(o, o + self.d)
 
-    def blocks_needing_refresh(self, margin_bits: float = 20.0) -> list[int]:
-        """Blocks whose estimated budget would fall below ``margin_bits`` in the next attention kernels."""
+    def blocks_needing_refresh(self, margin_bits: float = RESULT_STATISTICAL_BITS + 1) -> list[int]:
+        """Blocks whose estimated budget would fall below ``margin_bits`` in the
+        next attention kernels. The default keeps every attention result the
+        client decrypts at 41 bits or more, so that its flooding hides the
+        result's noise up to 2**-40 per coefficient (he/flooding.py)."""
         weak = []
         for i, b in enumerate(self.est_budget):
             after = min(self._kernel_budget(b, "scores"), self._kernel_budget(b, "values"))
@@ -381,6 +385,10 @@ class InnerKVCache:
         return self._kernel_budget(min(self.est_budget), which)
 
     def _kernel_budget(self, block_budget: float, which: str) -> float:
+        return self._composed_kernel_budget(block_budget, which) + self.model.attention_slack
+
+    def _composed_kernel_budget(self, block_budget: float, which: str) -> float:
+        """The per-op rules of NoiseModel, composed: a worst-case bound."""
         m = self.model
         b = m.after_mul(m.fresh, block_budget)
         if which == "scores":
@@ -389,3 +397,33 @@ class InnerKVCache:
         b = m.sum_of(b, len(self.v_cts))
         b = m.after_relin(b)
         return m.after_rotate(b, fold_rotations(self.Bh) + 1) - math.log2(self.B)
+
+
+def calibrate_attention_slack(client, n_heads: int, d_head: int) -> float:
+    """Client side, at session set-up: how many bits the composed estimate of
+    the decode attention kernels undershoots their real budget, less the
+    noise model's margin. Measured on one full block of fresh encryptions of
+    uniform values mod p (the worst case for ct x ct noise), with the
+    client's own keys; the server then adds it to its estimates
+    (``NoiseModel.attention_slack``), so that it refreshes a cache block when
+    the results would really drop below 41 bits (he/flooding.py), not ~15
+    bits earlier. Semi-honest: the server takes the client's measurement, as
+    it takes the fresh budget."""
+    from .keys import ServerHE
+
+    model = client.noise_model
+    cache = InnerKVCache(n_heads, d_head, client.params, model)
+    server = ServerHE.from_bundle(client.public_bundle(cache.galois_steps()))
+    p = client.p
+    rng = np.random.default_rng()  # operand values only: the measurement, not a secret
+    for t in range(cache.B):
+        slots = cache.pack_token(rng.integers(0, p, cache.d, dtype=np.uint64).astype(np.int64), t)
+        cache.append(server, client.encrypt(slots), client.encrypt(slots))
+    query = client.encrypt(cache.pack_query(rng.integers(0, p, cache.d, dtype=np.uint64).astype(np.int64)))
+    probs = [client.encrypt(v) for v in cache.pack_probs(rng.integers(0, p, (n_heads, cache.B), dtype=np.uint64).astype(np.int64))]
+    measured = {
+        "scores": min(client.noise_budget(c) for c in cache.scores(server, query)),
+        "values": client.noise_budget(cache.attend(server, probs)),
+    }
+    slack = min(measured[w] - cache._composed_kernel_budget(cache.est_budget[0], w) for w in measured)
+    return max(0.0, slack - model.margin)

@@ -289,6 +289,9 @@ class ServerHE(_HEBase):
         self.galois_steps = tuple(galois_steps)
         self.encryptor = sealapi.Encryptor(self.context, public_key)
         self.noise_model = noise_model
+        from .flooding import NoiseFlooder  # (flooding builds on this module's serialisation)
+
+        self.flooder = NoiseFlooder(self.context, self.p)
 
     @classmethod
     def from_bundle(cls, data: bytes) -> "ServerHE":
@@ -310,6 +313,19 @@ class ServerHE(_HEBase):
         ct = sealapi.Ciphertext()
         self.encryptor.encrypt(self.encode(values), ct)
         return ct
+
+    def mask_for_client(self, ct, slots) -> sealapi.Ciphertext:
+        """ct + Enc_pk(slots) + flooding noise: how a result the server
+        computed goes to the client for decryption. The fresh public-key
+        encryption re-randomises c0 and c1; the noise, uniform up to Delta / 4,
+        hides ct's own noise, which depends on the server's operands
+        (he/flooding.py)."""
+        from .flooding import RESULT_FLOOD_MARGIN_BITS
+
+        out = self.encrypt(slots)
+        self.evaluator.add_inplace(out, ct)
+        self.evaluator.add_inplace(out, self.flooder.noise(os.urandom, self.flooder.flood_bits(RESULT_FLOOD_MARGIN_BITS)))
+        return out
 
 
 class PlaintextEncoder(_HEBase):

@@ -23,6 +23,12 @@ class NoiseModel:
     relin: float  # extra bits lost by relinearization
     rotate: float  # bits lost by one Galois automorphism (key switching)
     margin: float = 2.0
+    # Bits by which the composed estimate of a decode attention kernel
+    # (InnerKVCache) undershoots its measured budget, less the margin: the
+    # per-op rules are worst cases (k addends cost log2 k, every rotation a
+    # bit). Measured by the client for its model's shape at session set-up
+    # (he/attention.py: calibrate_attention_slack); 0 until then.
+    attention_slack: float = 0.0
 
     # -- analytic defaults (used before calibration): BFV noise growth ~
     # ct x pt: x N * p/2 ; ct x ct: x N * p ; key switching: small additive.

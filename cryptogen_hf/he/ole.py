@@ -30,20 +30,20 @@ noise uniform in [-2**b, 2**b), b = min(log2(Delta) - FLOOD_MARGIN_BITS,
 FLOOD_MAX_BITS) = 127 here (Delta = q/t = 2**135): the noise the products
 leave is below 2**56 (measured: tests/test_two_party.py), so the decrypted
 noise is within statistical distance N * 2**-71 = 2**-58 of the flooding
-distribution, whatever x0, y0.
+distribution, whatever x0, y0 (he/flooding.py).
 
-The ciphertexts travel as raw coefficient arrays (uint64, no serialisation
-format to parse); the receiver checks every coefficient is below its prime.
+The ciphertexts travel in SEAL's serialisation; the receiver's load checks
+the parameters and every coefficient (CiphertextError otherwise).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal.sealapi as sealapi
 
+from .flooding import NoiseFlooder, limbs_mod, mulmod, uniform_limbs
 from .keys import CiphertextError, _load_into, _save_bytes
 from .params import HEParams
 
@@ -74,49 +74,6 @@ class OLEParams:
         return params
 
 
-# ---------------------------------------------------------------------------
-# uint64 arithmetic mod primes below 2**62 (numpy has no 128-bit integers)
-# ---------------------------------------------------------------------------
-def mulmod(a: np.ndarray, b, m: int) -> np.ndarray:
-    """a * b mod m for uint64 arrays with a, b < m < 2**62.
-
-    The quotient comes from 64-bit-mantissa long doubles (off by at most 1);
-    the remainder is computed exactly in wrapping uint64 arithmetic and
-    corrected into [0, m)."""
-    a = np.asarray(a, dtype=np.uint64)
-    b = np.asarray(b, dtype=np.uint64)
-    q = np.floor(a.astype(np.longdouble) * b.astype(np.longdouble) / np.longdouble(m)).astype(np.uint64)
-    r = (a * b - q * np.uint64(m)).view(np.int64)
-    r = np.where(r < 0, r + np.int64(m), r)
-    r = np.where(r >= m, r - np.int64(m), r)
-    return r.astype(np.uint64)
-
-
-def limbs_mod(limbs: list[np.ndarray], m: int) -> np.ndarray:
-    """(sum_k limbs[k] * 2**(64k)) mod m, limbs as uint64 arrays, m < 2**62."""
-    m64 = np.uint64(m)
-    out = limbs[0] % m64
-    for k, limb in enumerate(limbs[1:], start=1):
-        out = (out + mulmod(limb % m64, np.uint64(pow(2, 64 * k, m)), m)) % m64
-    return out
-
-
-# mulmod's quotient needs x86-64's 64-bit-mantissa long doubles: refuse elsewhere, at import.
-if np.finfo(np.longdouble).nmant < 63:
-    raise RuntimeError("cross products need 64-bit-mantissa long doubles (x86-64); this platform has fewer bits")
-
-
-# ---------------------------------------------------------------------------
-# Ciphertexts: SEAL's own serialisation; a noise-only ciphertext built raw
-# ---------------------------------------------------------------------------
-_SEAL_MAGIC = b"\x5e\xa1\x10"  # SEALHeader: magic 0xA15E, header size 16
-
-
-def _seal_header(version: bytes, total_size: int) -> bytes:
-    # magic, header size, version major/minor, compression none, reserved, total size
-    return _SEAL_MAGIC + version + b"\x00\x00\x00" + struct.pack("<Q", total_size)
-
-
 class _PrimeContext:
     """One batching prime t: its SEAL context, encoder and evaluator."""
 
@@ -128,12 +85,7 @@ class _PrimeContext:
         self.encoder = sealapi.BatchEncoder(self.context)
         self.evaluator = sealapi.Evaluator(self.context)
         self.n = params.slot_count
-        self.q_primes = [m.value() for m in self.context.first_context_data().parms().coeff_modulus()]
-        q = 1
-        for p in self.q_primes:
-            q *= p
-        self.delta_bits = (q // self.t).bit_length() - 1  # floor(log2 Delta)
-        self._seal_version = None
+        self.flooder = NoiseFlooder(self.context, self.t)
 
     def encode(self, values: np.ndarray) -> sealapi.Plaintext:
         pt = sealapi.Plaintext()
@@ -154,28 +106,8 @@ class _PrimeContext:
             raise CiphertextError("cross-product ciphertext is not valid for its parameters")
         return ct
 
-    def noise_ciphertext(self, c0_words: np.ndarray):
-        """The ciphertext (e, 0): adding it to ct adds e to ct's c0 and nothing
-        else. Built in SEAL's uncompressed format (Ciphertext::save_members:
-        parms_id, is_ntt_form, size, N, #primes, scale, correction factor, then
-        the coefficient array with its own header), which SEAL's load checks."""
-        if self._seal_version is None:
-            probe = sealapi.Ciphertext(self.context, self.parms_id, 2)
-            self._seal_version = _save_bytes(probe)[3:5]
-        k = len(self.q_primes)
-        words = np.zeros((2, k, self.n), dtype="<u8")
-        words[0] = c0_words
-        data = words.tobytes()
-        array = _seal_header(self._seal_version, 16 + 8 + len(data)) + struct.pack("<Q", words.size) + data
-        body = (
-            struct.pack("<4Q", *self.parms_id) + b"\x00" + struct.pack("<3Q", 2, self.n, k)
-            + struct.pack("<d", 1.0) + struct.pack("<Q", 1) + array
-        )
-        return self.load(_seal_header(self._seal_version, 16 + len(body)) + body)
-
-
 def flood_bits(pc: "_PrimeContext") -> int:
-    return min(pc.delta_bits - FLOOD_MARGIN_BITS, FLOOD_MAX_BITS)
+    return pc.flooder.flood_bits(FLOOD_MARGIN_BITS, FLOOD_MAX_BITS)
 
 
 def _chunks(n: int, slots: int) -> list[tuple[int, int]]:
@@ -292,7 +224,7 @@ class OLEServer:
         chunks = _chunks(n, self.primes[0].n)
         if len(blobs) != len(chunks) * k * 2:
             raise CiphertextError(f"expected {len(chunks) * k * 2} cross-product ciphertexts, got {len(blobs)}")
-        R = self._uniform_limbs(prg, n, self.mask_bits_wide if wide else self.mask_bits_narrow)
+        R = uniform_limbs(prg.random_bytes, n, self.mask_bits_wide if wide else self.mask_bits_narrow)
         out = []
         for c, (start, stop) in enumerate(chunks):
             for j, pc in enumerate(self.primes[:k]):
@@ -306,23 +238,6 @@ class OLEServer:
                         pc.evaluator.multiply_plain_inplace(ct, pc.encode(plain))
                         pc.evaluator.add_inplace(reply, ct)
                 if flood:
-                    pc.evaluator.add_inplace(reply, self._flooding_noise(pc, prg))
+                    pc.evaluator.add_inplace(reply, pc.flooder.noise(prg.random_bytes, flood_bits(pc)))
                 out.append(pc.save(reply))
         return out, np.uint64(0) - R[0]  # -R mod 2**64 is minus R's low limb
-
-    @staticmethod
-    def _uniform_limbs(prg, n: int, bits: int) -> list[np.ndarray]:
-        """n integers uniform in [0, 2**bits), as 64-bit limbs (least significant first)."""
-        n_limbs = -(-bits // 64)
-        limbs = [prg.kbit((n,), 64).numpy().view(np.uint64) for _ in range(n_limbs)]
-        top = bits - 64 * (n_limbs - 1)
-        if top < 64:
-            limbs[-1] = limbs[-1] & np.uint64((1 << top) - 1)
-        return limbs
-
-    def _flooding_noise(self, pc: _PrimeContext, prg):
-        """(e, 0) with e uniform in [-2**b, 2**b), b = flood_bits(pc)."""
-        bits = flood_bits(pc)
-        E = self._uniform_limbs(prg, pc.n, bits + 1)
-        c0 = np.stack([(limbs_mod(E, q) + np.uint64(q - pow(2, bits, q))) % np.uint64(q) for q in pc.q_primes])
-        return pc.noise_ciphertext(c0)

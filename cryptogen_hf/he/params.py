@@ -13,14 +13,19 @@ price is ~12 bits of noise budget (data primes 162 bits instead of 174), and
 the last prime, used only for key switching, stays the largest, as SEAL
 recommends. Other ring sizes keep BFVDefault.
 
-Why p ~ 2^50 (see scripts/measure_noise.py for the measurement): our largest
+Why p ~ 2^44 (see scripts/measure_noise.py for the measurement): our largest
 HE results are sums of 3072 products of two 13-14 bit fixed-point operands,
-|y| < 2^(14+14+12) = 2^40, so anything below ~42 bits overflows (-p/2, p/2)
-in the worst case. At N = 8192, p = 2^50 still leaves 116 bits of fresh
-budget, ~46 after the deepest plaintext kernel (3072x768 matvec) and ~35
-after the deepest ciphertext kernel (ct x ct + relin + rotations + sums),
-i.e. well above the 20-bit safety margin. With the 4-prime chain these are
-104 fresh, 41 and 36 bits (measured, worst-case operands).
+|y| < 2^(14+14+12) = 2^40, and the HE -> shares conversion needs |y| < p/4
+(protocol/convert.py), so p must exceed 2^42. Every result the client
+decrypts is noise-flooded (he/flooding.py), which needs noise budget: the
+flooding hides a result with budget B up to 2**-(B - 1) per coefficient.
+Each bit off p gives about two bits of budget (the bound q/p grows and the
+plaintext products' noise, ~N p, shrinks). Measured at N = 8192 with the
+4-prime chain, worst-case operands, budget after the deepest kernels
+(3072x768 matvec; ct x ct attention): p = 2^50: 41 / 37 bits; p = 2^46:
+49 / 44; p = 2^44: 53 / 49. So p = 2^44 keeps every result at >= 41 bits,
+i.e. >= 40 bits of statistical hiding, with no change of ring. (N = 16384
+would give 53+ bits at p = 2^50, at 2-4x the cost of every HE operation.)
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def check_coeff_modulus_bits(bits) -> list[int]:
 @dataclass
 class HEParams:
     poly_modulus_degree: int = 8192
-    plain_modulus_bits: int = 50
+    plain_modulus_bits: int = 44
     # Bit sizes of the ciphertext modulus primes; None -> DEFAULT_COEFF_MODULUS_BITS.
     coeff_modulus_bits: tuple[int, ...] | None = None
     # Filled in __post_init__ unless given explicitly (e.g. when rebuilding

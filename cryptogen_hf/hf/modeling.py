@@ -264,6 +264,15 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                 self._server_process.kill()
             self._server_process = None
 
+    def prepare_correlations(self, tokens: int) -> bool:
+        """Make the correlated randomness of the next `tokens` decode tokens now
+        (call it while the user is idle: between two ``generate()`` calls), so
+        those tokens run only the online protocol. See
+        :meth:`ClientSession.prepare_correlations`."""
+        if self.session is None:
+            raise RuntimeError("this model's secure session is closed")
+        return self.session.prepare_correlations(tokens)
+
     # -- generation hooks -----------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache")

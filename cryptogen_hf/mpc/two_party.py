@@ -144,24 +144,30 @@ class _Pool:
 
     def __init__(self, make, batch: int):
         self._make = make  # n -> tuple of flat tensors of n values
-        self._batch = batch
+        self.batch = batch
         self._parts: tuple | None = None
         self._used = 0
+        self.taken = 0  # values handed out so far (both parties count the same)
 
-    def fill(self) -> None:
-        """Make a batch now if the pool is empty (ahead of use)."""
-        if self._parts is None:
-            self._parts, self._used = self._make(self._batch), 0
+    @property
+    def available(self) -> int:
+        return 0 if self._parts is None else self._parts[0].numel() - self._used
+
+    def reserve(self, n: int) -> None:
+        """Make sure n unused values are ready, making at least a batch if any are missing."""
+        have = self.available
+        if have >= n:
+            return
+        fresh = self._make(max(self.batch, n - have))
+        if have:
+            fresh = tuple(torch.cat([old[self._used :], new]) for old, new in zip(self._parts, fresh))
+        self._parts, self._used = fresh, 0
 
     def take(self, n: int) -> tuple:
-        have = 0 if self._parts is None else self._parts[0].numel() - self._used
-        if have < n:
-            fresh = self._make(max(self._batch, n - have))
-            if have:
-                fresh = tuple(torch.cat([old[self._used :], new]) for old, new in zip(self._parts, fresh))
-            self._parts, self._used = fresh, 0
+        self.reserve(n)
         out = tuple(part[self._used : self._used + n] for part in self._parts)
         self._used += n
+        self.taken += n
         return out
 
 
@@ -199,8 +205,21 @@ class TwoPartyProvider(TupleProvider):
             self._server = OLEServer(_recv_blobs(CLIENT_RANK))
         self._setup_ot_extension(rank)
         for pool in self._pools.values():
-            pool.fill()
+            pool.reserve(pool.batch)
         self.stats["setup_seconds"] = time.perf_counter() - start
+
+    # -- ahead of use -------------------------------------------------------------
+    def consumption(self) -> dict[str, int]:
+        """Values of each kind handed out so far (equal on both sides: SPMD)."""
+        return {kind: pool.taken for kind, pool in self._pools.items()}
+
+    def prepare(self, counts: dict[str, int]) -> None:
+        """Make sure `counts[kind]` unused values of each kind are ready. Both
+        parties call it with the same counts, at the same point."""
+        start = time.perf_counter()
+        for kind, pool in self._pools.items():
+            pool.reserve(int(counts.get(kind, 0)))
+        self.stats["prepare_seconds"] = self.stats.get("prepare_seconds", 0.0) + time.perf_counter() - start
 
     def _setup_ot_extension(self, rank: int) -> None:
         """KAPPA base OTs in each direction, from one HE cross product (see

@@ -25,8 +25,10 @@ shares -> HE (``shares_to_he``), one message each way, no comparison:
 HE -> shares (``he_to_shares``), one message plus one multiplication of bits:
   the server adds H + r to every slot of the result ciphertext (r uniform in
   Z_p, H = floor(p/4) so that the centred y, |y| < p/4, becomes
-  v = y + H in [0, h) with h = (p+1)/2), and sends it; the client decrypts
-  a = (v + r) mod p, uniform in Z_p. Then y = a - r - H + p * wrap over the
+  v = y + H in [0, h) with h = (p+1)/2) as a fresh public-key encryption,
+  floods the noise (``ServerHE.mask_for_client``: the client sees neither
+  the result's c1 nor its noise, both functions of the weights), and sends
+  it; the client decrypts a = (v + r) mod p, uniform in Z_p. Then y = a - r - H + p * wrap over the
   integers, with wrap = [v + r >= p]. Because v < h, the wrap is a product
   of one bit each party knows:
 
@@ -125,7 +127,7 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_adde
         for ct in ciphertexts:
             r = uniform_mod(p, party.he.slot_count)
             masks.append(r)
-            masked = party.he.add_plain(ct, (r + np.uint64(shift)) % np.uint64(p))
+            masked = party.he.mask_for_client(ct, (r + np.uint64(shift)) % np.uint64(p))
             blobs.append(party.he.serialize_ct(masked))
         party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
         masked_value = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)  # r

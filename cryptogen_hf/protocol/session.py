@@ -17,6 +17,7 @@ Handshake (over the framed channel), before any expensive work:
 Then requests, each answered in lockstep by the SPMD protocol:
 
     {"op": "forward", "tokens": k, "logits_for": [...]}   k secure steps
+    {"op": "prepare", "tokens": n}   correlations for the next n decode tokens
     {"op": "reset"} | {"op": "stats"} | {"op": "close"}
 """
 
@@ -25,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import resource
 import secrets
 
 from ..config import CryptoGenConfig
 from ..he import ClientHE, HEParams, ServerHE
+from ..he.attention import calibrate_attention_slack
 from ..mpc import runtime
 from . import transport
 from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
@@ -96,6 +99,54 @@ def check_hello(theirs: dict, ours: dict) -> None:
         raise HandshakeError(f"unknown cache prefill layout {theirs.get('prefill_layout')!r} (known: {PREFILL_LAYOUTS})")
 
 
+class CorrelationPlan:
+    """What one decode token consumes of each kind of correlated randomness,
+    measured on the last one-token pass, so that ``prepare`` can make the next
+    tokens' share ahead of use (while the user is idle). Both parties measure
+    the same counts (SPMD), so they prepare the same batches without a word
+    about sizes. Attention grows with the context, so a quarter more than the
+    measured use is made (PREPARE_MARGIN); values left over stay in the pools
+    for later tokens, so the margin costs nothing but earlier work."""
+
+    PREPARE_MARGIN = 1.25
+
+    def __init__(self):
+        self.per_token: dict[str, int] | None = None
+        self._before: dict[str, int] | None = None
+
+    @staticmethod
+    def _provider():
+        provider = runtime.correlation_provider()
+        return provider if hasattr(provider, "consumption") else None  # dealer modes have nothing to prepare
+
+    def start_pass(self, n_tokens: int) -> None:
+        provider = self._provider()
+        self._before = provider.consumption() if provider is not None and n_tokens == 1 else None
+
+    def end_pass(self) -> None:
+        if self._before is not None:
+            after = self._provider().consumption()
+            self.per_token = {kind: after[kind] - self._before[kind] for kind in after}
+            self._before = None
+
+    def prepare(self, tokens: int) -> bool:
+        """Make the correlations of `tokens` decode tokens now; False when
+        there is nothing to size them from yet (no decode token so far)."""
+        provider = self._provider()
+        if provider is None or self.per_token is None:
+            return False
+        provider.prepare({kind: math.ceil(tokens * n * self.PREPARE_MARGIN) for kind, n in self.per_token.items()})
+        return True
+
+
+def check_prepare_tokens(tokens, n_tokens: int, n_positions: int) -> int:
+    """The number of tokens a prepare request may ask for: 1 .. the room left in the context."""
+    room = n_positions - n_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= max(room, 1):
+        raise ValueError(f"prepare asks for {tokens!r} tokens; 1..{max(room, 1)} fit in the context that is left")
+    return tokens
+
+
 # ---------------------------------------------------------------------------
 # Server side (runs in a per-session worker process)
 # ---------------------------------------------------------------------------
@@ -129,13 +180,18 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     try:
         party = Party(SERVER, channel, he)
         runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
+        plan = CorrelationPlan()
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
             op = request.get("op")
             if op == "forward":
+                plan.start_pass(len(request["logits_for"]))
                 logits = runner.step(None, request["logits_for"])
+                plan.end_pass()
                 if logits is not None:
                     runner.reveal_to_client(logits, hello["reveal"])
+            elif op == "prepare":
+                plan.prepare(check_prepare_tokens(request.get("tokens"), runner.n_tokens, hosted.shape.n_positions))
             elif op == "reset":
                 runner.reset()
             elif op == "crop":
@@ -197,6 +253,9 @@ class ClientSession:
         self.plans = GPT2Plans(self.shape, he_params)
         self.policy = PrefillLayoutPolicy(self.shape, he_params, self.config.cache.prefill_layout)
         self.he = ClientHE(he_params)
+        # Tighten the server's noise estimates for this model's attention
+        # kernels (it refreshes cache blocks by them: he/attention.py).
+        self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim)
         steps = sorted(set(self.plans.galois_steps()) | self.policy.galois_steps())
         self.channel.send("he_bundle", self.he.public_bundle(steps))
 
@@ -206,6 +265,7 @@ class ClientSession:
         runtime.init_party(CLIENT, mpc_config)
         self.party = Party(CLIENT, self.channel, self.he)
         self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
+        self.plan = CorrelationPlan()
 
     # -- requests ---------------------------------------------------------------
     def _request(self, **request):
@@ -231,12 +291,27 @@ class ClientSession:
         flags = [bool(w) for w in logits_for]
         self._request(op="forward", logits_for=flags)
         try:
+            self.plan.start_pass(len(flags))
             logits = self.runner.step([int(t) for t in token_ids], flags)
+            self.plan.end_pass()
             if logits is None:
                 return None
             return self.runner.reveal_to_client(logits, self.config.mpc.reveal)
         except Exception as exc:
             # A gloo error from a dead or silent server becomes a PeerError naming it.
+            raise runtime.translate_peer_error(exc) from exc
+
+    def prepare_correlations(self, tokens: int) -> bool:
+        """Make the correlated randomness of the next `tokens` decode tokens
+        now, e.g. while the user reads or types, so that those tokens run only
+        the online protocol. Sized from the last decode token (returns False,
+        and does nothing, before the first one). Costs what those tokens'
+        offline phase would have cost."""
+        tokens = check_prepare_tokens(tokens, self.runner.n_tokens, self.shape.n_positions)
+        self._request(op="prepare", tokens=tokens)
+        try:
+            return self.plan.prepare(tokens)
+        except Exception as exc:
             raise runtime.translate_peer_error(exc) from exc
 
     @property
