@@ -26,6 +26,12 @@ def _serve(args) -> int:
 
     local_model_dir(args.model)
     config = load_config(args.config)
+    if args.model_name is not None:
+        config.server.model_name = args.model_name
+    config.server.diagnostics = config.server.diagnostics or args.diagnostics
+    if args.max_sessions is not None:
+        config.server.max_concurrent_sessions = args.max_sessions
+    config.validate()
 
     def announce(port: int):
         # The one line a parent process (local mode) waits for; then stdout is quiet.
@@ -82,6 +88,10 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="TCP port (default: any free port, printed)")
     p.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path (default: configs/default.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--model-name", default=None, help="a name to announce to clients (default: none; the handshake carries the model's shapes only)")
+    p.add_argument("--max-sessions", type=int, default=None, help="sessions served at once (default: the config's, 4)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="allow benchmark and diagnostic operations (random cache fill, per-phase timings, memory); off by default")
     p.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="generate securely from a prompt")

@@ -63,12 +63,31 @@ class TimeoutSettings:
 
 
 @dataclass
+class ServerSettings:
+    # Server only (not part of the handshake).
+    # The name announced to clients in the handshake ("" announces none): the
+    # handshake otherwise carries the model's public shapes only, nothing that
+    # identifies the checkpoint.
+    model_name: str = ""
+    # Benchmark and diagnostic operations (filling the cache with random
+    # ciphertexts, per-phase timings, memory): off unless the operator turns
+    # them on (`cryptogen serve --diagnostics`); on for the local server a
+    # client starts for itself (`from_pretrained` without `server=`).
+    diagnostics: bool = False
+    # Sessions served at once (one worker process each; a GPT-2-base worker
+    # peaks at ~6 GB): a client beyond this is refused, with an error that
+    # says so, before any worker is started.
+    max_concurrent_sessions: int = 4
+
+
+@dataclass
 class CryptoGenConfig:
     he: HESettings = field(default_factory=HESettings)
     fixed_point: FixedPointSettings = field(default_factory=FixedPointSettings)
     mpc: MPCSettings = field(default_factory=MPCSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def validate(self) -> "CryptoGenConfig":
         if self.mpc.dealer == "ttp":
@@ -103,6 +122,13 @@ class CryptoGenConfig:
             raise ConfigError(f"he.noise_reserve_bits must be >= 0, got {self.he.noise_reserve_bits}")
         if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0:
             raise ConfigError("timeouts must be positive")
+        if not isinstance(self.server.model_name, str) or len(self.server.model_name) > 200:
+            raise ConfigError("server.model_name must be a string of at most 200 characters")
+        if isinstance(self.server.max_concurrent_sessions, bool) or not isinstance(self.server.max_concurrent_sessions, int) \
+                or self.server.max_concurrent_sessions < 1:
+            raise ConfigError(f"server.max_concurrent_sessions must be an integer >= 1, got {self.server.max_concurrent_sessions!r}")
+        if not isinstance(self.server.diagnostics, bool):
+            raise ConfigError(f"server.diagnostics must be true or false, got {self.server.diagnostics!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -119,7 +145,10 @@ class CryptoGenConfig:
         for key, value in (data or {}).items():
             if key not in sections:
                 raise ConfigError(f"unknown config section {key!r} (known: {sorted(sections)})")
-            section_cls = {"he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings, "cache": CacheSettings, "timeouts": TimeoutSettings}[key]
+            section_cls = {
+                "he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings,
+                "cache": CacheSettings, "timeouts": TimeoutSettings, "server": ServerSettings,
+            }[key]
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(value or {}) - known
             if unknown:

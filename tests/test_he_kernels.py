@@ -56,6 +56,19 @@ def test_params_security_and_fingerprint():
         CryptoGenConfig(he=HESettings(coeff_modulus_bits=[218])).validate()
 
 
+def test_bundle_for_other_parameters_is_refused_and_sized(setup):
+    """A bundle made for other parameters is refused from its header, before
+    any SEAL object is built from it; a real bundle fits the server's limit."""
+    from cryptogen_hf.he.keys import bundle_size_limit
+
+    params, _, server, _, bundle = setup
+    other = ClientHE(HEParams(plain_modulus_bits=40)).public_bundle([1])
+    with pytest.raises(ValueError, match="differ from the handshake"):
+        ServerHE.from_bundle(other, expect_fingerprint=params.fingerprint())
+    assert ServerHE.from_bundle(bundle, expect_fingerprint=params.fingerprint()).params.fingerprint() == params.fingerprint()
+    assert len(bundle) <= bundle_size_limit(params, len(server.galois_steps))
+
+
 def test_encrypt_decrypt_negative(setup):
     params, client, *_ = setup
     x = np.array([-5, 0, 7, -(params.plain_modulus // 2)])

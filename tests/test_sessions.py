@@ -1,5 +1,6 @@
 """Sessions against a real `cryptogen serve` process: handshake, the default two-party mode, faults."""
 
+import json
 import os
 import signal
 import threading
@@ -7,13 +8,15 @@ import time
 
 import pytest
 import torch
+from conftest import start_server, stop_server
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, TimeoutSettings
+from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, ServerSettings, TimeoutSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
-from cryptogen_hf.protocol.transport import TransportError
+from cryptogen_hf.protocol import transport
+from cryptogen_hf.protocol.transport import PeerReportedError, TransportError
 from cryptogen_hf.server.weights import UnsupportedArchitectureError
 
 
@@ -43,7 +46,7 @@ def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlation
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
         assert model.prepare_correlations(2) is False  # no decode token yet to size them from
-        with pytest.raises(ValueError, match="prepare asks for 0 tokens"):
+        with pytest.raises(ValueError, match="prepare's token count is 0"):
             model.prepare_correlations(0)
         cache = EncryptedCache(model)
         out = model.generate(torch.tensor([[11, 12, 13]]), cache=cache, max_new_tokens=5, do_sample=False)
@@ -61,6 +64,60 @@ def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlation
         assert model.session.correlation_stats()["seconds"] == offline_s
     finally:
         model.close()
+
+
+def test_bad_requests_are_refused_and_the_session_goes_on(server, tiny_checkpoint):
+    """A zero-token pass is refused on the client before anything is sent;
+    malformed requests get an error from the server, which keeps serving the
+    session; benchmark and diagnostic operations are off unless the server
+    was started with --diagnostics; the handshake names no checkpoint."""
+    _, port = server
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    try:
+        session = model.session
+        assert session.shape.name == ""  # shapes only: no directory name, no weights hash
+        with pytest.raises(RuntimeError, match="--diagnostics"):
+            session.fill_for_benchmark(3)
+        assert "timings" not in session.stats() and "peak_rss_mb" not in session.stats()
+        cache = EncryptedCache(model)
+        out = model.generate(torch.tensor([[5, 17, 250]]), cache=cache, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="no new tokens to run"):
+            model.generate(out[:, :3], cache=cache, max_new_tokens=1, do_sample=False)
+        for request in ({"op": "fly"}, {"op": "forward", "logits_for": []}, {"op": "crop", "length": 99}, [1, 2]):
+            session.channel.send("request", json.dumps(request).encode())
+            with pytest.raises(PeerReportedError, match="bad request"):
+                session.channel.recv_payload("reply")
+        more = model.generate(out, cache=cache, max_new_tokens=2, do_sample=False)
+        assert more.tolist() == plain.generate(out, max_new_tokens=2, do_sample=False).tolist()
+    finally:
+        model.close()
+
+
+def _children(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
+
+
+def test_busy_server_refuses_a_client_before_starting_a_worker(tiny_checkpoint, tmp_path):
+    settings = CryptoGenConfig(server=ServerSettings(max_concurrent_sessions=1))
+    proc, port = start_server(tiny_checkpoint, settings=settings, settings_path=tmp_path / "server.yaml")
+    try:
+        first = ClientSession("127.0.0.1", port)
+        try:
+            assert len(_children(proc.pid)) == 1  # the first session's worker
+            extra = transport.connect("127.0.0.1", port, "server", timeout_s=10)
+            extra.send("hello", b"{}")
+            with pytest.raises(PeerReportedError, match="server busy: 1 sessions running"):
+                extra.recv_payload("welcome")
+            extra.close()
+            assert len(_children(proc.pid)) == 1  # no worker was started for it
+            logits = first.forward([5, 6], [False, True])  # the running session is untouched
+            assert logits.shape == (1, 300) and torch.isfinite(torch.as_tensor(logits)).all()
+        finally:
+            first.close()
+    finally:
+        stop_server(proc)
 
 
 def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):

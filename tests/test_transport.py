@@ -1,6 +1,7 @@
 """The framed channel: exact delivery, kinds enforced, timeouts and dead peers reported."""
 
 import os
+import struct
 import threading
 import time
 
@@ -69,3 +70,33 @@ def test_peer_error_message_is_raised(pair):
     b.send("error", b"model mismatch: server has tiny-gpt2")
     with pytest.raises(transport.TransportError, match="model mismatch"):
         a.recv("ciphertext")
+
+
+def _announce(channel, kind: str, length: int) -> None:
+    """A header announcing `length` payload bytes, and none of them."""
+    kind_bytes = kind.encode()
+    channel.sock.sendall(transport.MAGIC + struct.pack("<H", len(kind_bytes)) + kind_bytes + struct.pack("<Q", length))
+
+
+def test_wrong_kind_is_refused_from_its_header(pair):
+    """8 GiB of junk announced where a hello is due: refused at once, without
+    waiting for (or allocating) the payload."""
+    a, b = pair
+    _announce(b, "junk", 8 << 30)
+    start = time.monotonic()
+    with pytest.raises(transport.ProtocolError, match="expected 'hello'"):
+        a.recv("hello", timeout_s=10)
+    assert time.monotonic() - start < 1
+
+
+def test_per_kind_size_limit_is_checked_from_the_header(pair):
+    a, b = pair
+    a.limits["hello"] = 1000
+    _announce(b, "hello", 1001)
+    start = time.monotonic()
+    with pytest.raises(transport.ProtocolError, match="limit 1000"):
+        a.recv("hello", timeout_s=10)
+    assert time.monotonic() - start < 1
+    _announce(b, "error", transport.MAX_ERROR_BYTES + 1)  # error messages are short too
+    with pytest.raises(transport.ProtocolError, match="'error' message"):
+        a.recv("hello", timeout_s=10)

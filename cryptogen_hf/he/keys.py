@@ -204,6 +204,17 @@ class _HEBase:
         return ct.size() * ct.coeff_modulus_size() * ct.poly_modulus_degree() * 8
 
 
+def bundle_size_limit(params: HEParams, n_galois_steps: int) -> int:
+    """The most bytes a public bundle for these parameters and this many
+    Galois steps can take (SEAL's compression only makes it smaller): a
+    public key (2 polynomials) and 1 + n_galois_steps key-switching keys,
+    each (#primes - 1) pairs of polynomials at the key level, plus 1 MiB for
+    headers and the noise model."""
+    k, n = len(params.coeff_modulus), params.poly_modulus_degree
+    poly = k * n * 8
+    return 2 * poly + (1 + n_galois_steps) * (k - 1) * 2 * poly + (1 << 20)
+
+
 class ClientHE(_HEBase):
     """Key owner. Generates secret/public/relin keys; Galois keys on request."""
 
@@ -294,8 +305,14 @@ class ServerHE(_HEBase):
         self.flooder = NoiseFlooder(self.context, self.p)
 
     @classmethod
-    def from_bundle(cls, data: bytes) -> "ServerHE":
+    def from_bundle(cls, data: bytes, expect_fingerprint: str | None = None) -> "ServerHE":
+        """The server's HE from the client's public bundle. With
+        ``expect_fingerprint`` (the server's own parameters), a bundle for
+        other parameters is refused from its header, before any SEAL object
+        is built from it."""
         header, blobs = _unpack_blobs(data)
+        if expect_fingerprint is not None and header.get("fingerprint") != expect_fingerprint:
+            raise ValueError("HE bundle parameters differ from the handshake")
         params = HEParams.from_dict(header["params"])
         if params.fingerprint() != header["fingerprint"]:
             raise ValueError("HE bundle fingerprint does not match its parameters")

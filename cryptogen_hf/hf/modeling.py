@@ -127,6 +127,14 @@ class EncryptedCache(Cache):
         return f"EncryptedCache(tokens={self.get_seq_length()}, layers={len(self.layers)})"
 
 
+def _no_new_tokens_message(cached: int, given: int) -> str:
+    return (
+        f"no new tokens to run: the encrypted cache already holds {cached} tokens and the input has {given}. "
+        "To continue a conversation, pass the whole conversation (the cached tokens followed by the new "
+        "ones); only the new ones are run"
+    )
+
+
 def _start_local_server(model_path: str, settings: CryptoGenConfig):
     """Start ``cryptogen serve`` as a child process on loopback; return (process, port).
 
@@ -135,7 +143,11 @@ def _start_local_server(model_path: str, settings: CryptoGenConfig):
     """
     settings_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     settings_file.close()
-    settings.save(settings_file.name)
+    # A local server serves this process only, for its user: its benchmark and
+    # diagnostic operations (timings, memory, cache fills) are on.
+    local = CryptoGenConfig.from_dict(settings.to_dict())
+    local.server.diagnostics = True
+    local.save(settings_file.name)
     command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--port", "0",
                "--config", settings_file.name, "--quiet"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -274,6 +286,14 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         return self.session.prepare_correlations(tokens)
 
     # -- generation hooks -----------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, *args, cache=None, **kwargs):
+        # generate() runs input_ids[:, cache length:]. Given fewer tokens than
+        # the cache holds (only the new ones, say), transformers would slice
+        # from the wrong end and run tokens at the wrong positions: refuse.
+        if cache is not None and input_ids.shape[1] <= cache.get_seq_length():
+            raise ValueError(_no_new_tokens_message(cache.get_seq_length(), input_ids.shape[1]))
+        return super().prepare_inputs_for_generation(input_ids, *args, cache=cache, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache")
         if cache is None:
@@ -316,6 +336,8 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             )
         tokens = input_ids[0].tolist()
         n = len(tokens)
+        if n == 0:
+            raise ValueError(_no_new_tokens_message(cache.get_seq_length(), 0))
         keep = n if not logits_to_keep else min(int(logits_to_keep), n)
         logits_for = [i >= n - keep for i in range(n)]
         logits = self.session.forward(tokens, logits_for)

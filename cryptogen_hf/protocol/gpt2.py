@@ -573,8 +573,11 @@ class SecureGPT2:
         """Re-encrypt cache blocks (layer, block) fresh without revealing them.
 
         The server adds an independent uniform mask in Z_p to every slot of each
-        K and V ciphertext; the client decrypts (it sees uniform values only)
-        and encrypts the result anew; the server subtracts its mask. The block's
+        K and V ciphertext, re-randomised and noise-flooded (a block with a
+        server-computed token went through a plaintext product whose noise
+        depends on the activations: ``ServerHE.mask_for_client``); the client
+        decrypts (it sees uniform values only) and encrypts the result anew;
+        the server subtracts its mask. The block's
         noise is back to that of a fresh encryption. Slots of tokens >=
         ``keep_tokens`` come back as zeros: that is how the cache is cropped.
         """
@@ -587,7 +590,7 @@ class SecureGPT2:
                 for ct in (cache.k_cts[b], cache.v_cts[b]):
                     r = uniform_mod(he.p, he.slot_count)
                     masks.append(r)
-                    blobs.append(he.serialize_ct(he.add_plain(ct, r)))
+                    blobs.append(he.serialize_ct(he.mask_for_client(ct, r)))
             party.channel.send("refresh.masked", pack_blobs(blobs))
             fresh = unpack_blobs(party.channel.recv_payload("refresh.fresh"))
             if len(fresh) != len(blobs):

@@ -32,6 +32,7 @@ import secrets
 
 from ..config import CryptoGenConfig
 from ..he import ClientHE, HEParams, ServerHE
+from ..he.keys import bundle_size_limit
 from ..he.attention import calibrate_attention_slack
 from ..mpc import runtime
 from . import transport
@@ -139,12 +140,52 @@ class CorrelationPlan:
         return True
 
 
+# The server's limits for the small messages (JSON); the HE key bundle's is
+# derived from the parameters and the Galois steps the model needs.
+CONTROL_MESSAGE_LIMITS = {"hello": 1 << 16, "request": 1 << 16}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses (it answers with an error and goes on)."""
+
+
+def _check_count(value, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRequest(f"{what} is {value!r}; {lo}..{hi} allowed here")
+    return value
+
+
 def check_prepare_tokens(tokens, n_tokens: int, n_positions: int) -> int:
     """The number of tokens a prepare request may ask for: 1 .. the room left in the context."""
-    room = n_positions - n_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= max(room, 1):
-        raise ValueError(f"prepare asks for {tokens!r} tokens; 1..{max(room, 1)} fit in the context that is left")
-    return tokens
+    return _check_count(tokens, 1, max(n_positions - n_tokens, 1), "prepare's token count")
+
+
+def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: bool) -> str:
+    """The request's op, once every field it needs is valid for a session
+    holding n_tokens of n_positions; BadRequest otherwise. Both the server
+    (before acting) and, through the same rules, the client's methods
+    refuse what would fail, so a refusal never leaves the two out of step."""
+    if not isinstance(request, dict):
+        raise BadRequest("a request is a JSON object")
+    op = request.get("op")
+    if op == "forward":
+        flags = request.get("logits_for")
+        if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
+            raise BadRequest("forward needs logits_for, a list of true/false per token")
+        _check_count(len(flags), 1, n_positions - n_tokens, "the number of tokens to run")
+    elif op == "prepare":
+        check_prepare_tokens(request.get("tokens"), n_tokens, n_positions)
+    elif op == "crop":
+        _check_count(request.get("length"), 0, n_tokens, "crop's length")
+    elif op == "fill_for_benchmark":
+        if not diagnostics:
+            raise BadRequest("benchmark operations are off on this server (start it with --diagnostics)")
+        if n_tokens:
+            raise BadRequest("fill_for_benchmark needs an empty cache")
+        _check_count(request.get("length"), 1, n_positions - 1, "fill_for_benchmark's length")
+    elif op not in ("reset", "stats", "close"):
+        raise BadRequest(f"unknown request {op!r}")
+    return op
 
 
 # ---------------------------------------------------------------------------
@@ -152,6 +193,7 @@ def check_prepare_tokens(tokens, n_tokens: int, n_positions: int) -> int:
 # ---------------------------------------------------------------------------
 def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConfig, host: str = "127.0.0.1") -> None:
     """Serve one client until it closes. ``hosted`` is a ``server.serve.HostedModel``."""
+    channel.limits.update(CONTROL_MESSAGE_LIMITS)
     hello = _json(channel.recv_payload("hello"))
     try:
         check_hello(hello, _hello(config))
@@ -163,13 +205,15 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     welcome = {"session": session_id, "shape": hosted.shape.to_dict(), "mpc_port": mpc_config.port}
     channel.send("welcome", json.dumps(welcome).encode())
 
-    he = ServerHE.from_bundle(channel.recv_payload("he_bundle"))
-    if he.params.fingerprint() != hosted.he_params.fingerprint():
-        channel.send("error", b"HE bundle parameters differ from the handshake")
-        raise HandshakeError("HE bundle parameters differ from the handshake")
     policy = PrefillLayoutPolicy(hosted.shape, hosted.he_params, hello["prefill_layout"])
-    missing = set(hosted.plans.galois_steps()) | policy.galois_steps()
-    missing -= set(he.galois_steps)
+    needed_steps = set(hosted.plans.galois_steps()) | policy.galois_steps()
+    channel.limits["he_bundle"] = bundle_size_limit(hosted.he_params, len(needed_steps))
+    try:
+        he = ServerHE.from_bundle(channel.recv_payload("he_bundle"), expect_fingerprint=hosted.he_params.fingerprint())
+    except ValueError as exc:
+        channel.send("error", f"HE bundle refused: {exc}".encode())
+        raise HandshakeError(f"HE bundle refused: {exc}") from None
+    missing = needed_steps - set(he.galois_steps)
     if missing:
         channel.send("error", f"HE bundle lacks Galois keys for steps {sorted(missing)[:8]}".encode())
         raise HandshakeError(f"HE bundle lacks Galois keys for steps {sorted(missing)}")
@@ -183,7 +227,13 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
         plan = CorrelationPlan()
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
-            op = request.get("op")
+            try:
+                op = check_request(request, runner.n_tokens, hosted.shape.n_positions, config.server.diagnostics)
+            except BadRequest as exc:
+                # The client's own checks make these unreachable for our client:
+                # answer, and wait for its next request (the session goes on).
+                channel.send("error", f"bad request: {exc}".encode())
+                continue
             if op == "forward":
                 plan.start_pass(len(request["logits_for"]))
                 logits = runner.step(None, request["logits_for"])
@@ -191,13 +241,14 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                 if logits is not None:
                     runner.reveal_to_client(logits, hello["reveal"])
             elif op == "prepare":
-                plan.prepare(check_prepare_tokens(request.get("tokens"), runner.n_tokens, hosted.shape.n_positions))
+                plan.prepare(request["tokens"])
             elif op == "reset":
                 runner.reset()
             elif op == "crop":
-                runner.crop(int(request["length"]))
+                runner.crop(request["length"])
             elif op == "fill_for_benchmark":
-                runner.fill_for_benchmark(int(request["length"]))
+                channel.send("fill.ack", b"")
+                runner.fill_for_benchmark(request["length"])
             elif op == "stats":
                 stats = {
                     "tokens": runner.n_tokens,
@@ -205,14 +256,12 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                     "passes": runner.passes,
                     "tokens_processed": runner.tokens_processed,
                     "refreshed_blocks": runner.refreshed_blocks,
-                    "timings": dict(runner.timings),
-                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 }
+                if config.server.diagnostics:
+                    stats["timings"] = dict(runner.timings)
+                    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":
-                return
-            else:
-                channel.send("error", f"unknown request {op!r}".encode())
                 return
     finally:
         runtime.shutdown()
@@ -269,6 +318,10 @@ class ClientSession:
 
     # -- requests ---------------------------------------------------------------
     def _request(self, **request):
+        """Send a request the server will accept (the same rules, checked here
+        first: a refused request must not leave the two sides out of step).
+        Whether benchmark operations are on is for the server to say."""
+        check_request(request, self.runner.n_tokens, self.shape.n_positions, diagnostics=True)
         self.channel.send("request", json.dumps(request).encode())
 
     def forward(self, token_ids: list[int], logits_for: list[bool]):
@@ -280,6 +333,8 @@ class ClientSession:
         """
         if len(token_ids) != len(logits_for):
             raise ValueError("token_ids and logits_for differ in length")
+        if not token_ids:
+            raise ValueError("a forward pass needs at least one token")
         if self.runner.n_tokens + len(token_ids) > self.shape.n_positions:
             raise ValueError(
                 f"sequence of {self.runner.n_tokens + len(token_ids)} tokens exceeds the model's context of "
@@ -336,6 +391,10 @@ class ClientSession:
         if self.runner.n_tokens:
             raise ValueError("fill_for_benchmark needs an empty cache: reset() first")
         self._request(op="fill_for_benchmark", length=int(n_tokens))
+        try:
+            self.channel.recv_payload("fill.ack")
+        except transport.PeerReportedError as exc:
+            raise RuntimeError(f"the server refused to fill the cache: {exc.peer_message}") from None
         self.runner.fill_for_benchmark(n_tokens, seed)
 
     def correlation_stats(self) -> dict:

@@ -12,8 +12,9 @@ Wire format of one message::
 
 Every receive has a deadline: a peer that dies raises :class:`PeerClosedError`
 at once, a peer that stops answering raises :class:`PeerTimeoutError` after
-``timeout_s``; both name the peer. A message of an unexpected kind raises
-:class:`ProtocolError` instead of being misread as something else.
+``timeout_s``; both name the peer. A message of an unexpected kind, or
+longer than the limit for its kind (``Channel.limits``), raises
+:class:`ProtocolError` from its header, before any of its payload is read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MAGIC = b"CGv1"
 # Refuse absurd lengths before allocating: a corrupted header must not make us
 # try to read (or allocate) terabytes.
 MAX_PAYLOAD_BYTES = 1 << 34
+MAX_ERROR_BYTES = 1 << 16  # an error message is a line of text
 
 
 class TransportError(RuntimeError):
@@ -81,6 +83,8 @@ class Channel:
         # recorder(kind, payload) is called on every received message; the
         # transcript-audit tests use it to inspect every byte a party receives.
         self.recorder = recorder
+        # kind -> the longest payload accepted for it (others: MAX_PAYLOAD_BYTES).
+        self.limits: dict[str, int] = {"error": MAX_ERROR_BYTES}
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # ---------------------------------------------------------------- sending
@@ -114,8 +118,12 @@ class Channel:
         (kind_len,) = struct.unpack("<H", self._recv_exact(2, deadline, what))
         kind = self._recv_exact(kind_len, deadline, what).decode("utf-8", errors="replace")
         (length,) = struct.unpack("<Q", self._recv_exact(8, deadline, what))
-        if length > MAX_PAYLOAD_BYTES:
-            raise ProtocolError(f"{self.peer_name} announced a {length}-byte {kind!r} message; refusing")
+        # Judged from the header alone: nothing is read or allocated for a message refused here.
+        if expect_kind is not None and kind not in (expect_kind, "error"):
+            raise ProtocolError(f"expected {expect_kind!r} from {self.peer_name}, got {kind!r}")
+        limit = self.limits.get(kind, MAX_PAYLOAD_BYTES)
+        if length > limit:
+            raise ProtocolError(f"{self.peer_name} announced a {length}-byte {kind!r} message (limit {limit}); refusing")
         payload = self._recv_exact(length, deadline, what) if length else b""
         self.stats.bytes_received += 14 + kind_len + length
         self.stats.messages_received += 1
@@ -124,8 +132,6 @@ class Channel:
             self.recorder(kind, payload)
         if kind == "error" and expect_kind != "error":
             raise PeerReportedError(self.peer_name, payload.decode("utf-8", errors="replace"))
-        if expect_kind is not None and kind != expect_kind:
-            raise ProtocolError(f"expected {expect_kind!r} from {self.peer_name}, got {kind!r}")
         return kind, payload
 
     def recv_payload(self, expect_kind: str, timeout_s: float | None = None) -> bytes:

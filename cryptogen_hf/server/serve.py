@@ -10,7 +10,6 @@ encrypted cache) is returned to the OS when its session ends.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -45,18 +44,6 @@ class HostedModel:
     encoded: EncodedGPT2
 
 
-def model_fingerprint(path: Path) -> str:
-    """A short digest of the weights file, so a client can tell which model it talks to."""
-    weights = next((p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists()), None)
-    if weights is None:
-        return "unknown"
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress: bool = True) -> HostedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +66,7 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
         vocab_size=prepared.vocab_size,
         ln_eps=float(hf_config.layer_norm_epsilon),
         ln_pre_scales=layer_norm_pre_scales(model, tokenizer, eps=float(hf_config.layer_norm_epsilon)),
-        name=f"{path.name}@{model_fingerprint(path)}",
+        name=config.server.model_name,  # public shapes only, unless the operator names the model
     )
     he_params = he_params_from(config)
     plans = GPT2Plans(shape, he_params)
@@ -120,6 +107,25 @@ def _session_worker(listener: socket.socket, conn: socket.socket, hosted: Hosted
     os._exit(0)
 
 
+def _refuse(conn: socket.socket, message: str) -> None:
+    """Answer a connection the server will not serve with an error, from the
+    parent process (no worker is started), and close it."""
+    channel = transport.Channel(conn, "client", timeout_s=2.0)
+    try:
+        channel.send("error", message.encode())
+        # Half-close and read what the client already sent (its hello), so the
+        # close does not reset the connection before the error is read.
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(2.0)
+        while conn.recv(1 << 16):
+            pass
+    except (transport.TransportError, OSError):
+        pass
+    finally:
+        channel.close()
+    log.warning("refused a client: %s", message)
+
+
 def serve(
     model_path: str | Path,
     host: str = "127.0.0.1",
@@ -138,7 +144,7 @@ def serve(
     hosted = load_hosted_model(model_path, config, progress=progress)
     listener = transport.listen(host, port)
     bound = listener.getsockname()[1]
-    log.info("serving %s on %s:%d", hosted.shape.name, host, bound)
+    log.info("serving %s on %s:%d", model_path, host, bound)
     if config.mpc.dealer == "client":
         log.warning(
             "mpc.dealer is 'client': every client sees every activation of this model and can fit its "
@@ -166,6 +172,9 @@ def serve(
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
+                continue
+            if len(workers) >= config.server.max_concurrent_sessions:
+                _refuse(conn, f"server busy: {len(workers)} sessions running (limit {config.server.max_concurrent_sessions}); try again later")
                 continue
             worker = fork.Process(target=_session_worker, args=(listener, conn, hosted, config, host), daemon=True)
             worker.start()
