@@ -3,6 +3,8 @@
 params    HEParams: ring, batching prime p, 128-bit-secure q, fingerprint()
 keys      ClientHE (secret key owner) / ServerHE (from the public bundle only)
 noise     NoiseModel: server-side conservative noise-budget estimates
+flooding  re-randomising and noise-flooding what the client decrypts (circuit privacy)
+ole       cross products for the two-party Beaver triples
 matvec    DecodeMatvecPlan (one token, BSGS diagonals), PrefillMatvecPlan (T tokens)
 attention OuterAttentionPlan + OuterKVCache (prefill), InnerKVCache (decode tokens)
 """

@@ -6,7 +6,9 @@ client for the non-linear ops (softmax, GELU, LayerNorm).
 - :mod:`cryptogen_hf.mpc.prg`: the AES-256-CTR generator behind every share,
   mask and correlation (CrypTen's own generators are replaced by it).
 - :mod:`cryptogen_hf.mpc.two_party`: correlated randomness made by the two
-  parties alone with HE (the default, ``dealer="none"``).
+  parties alone (the default, ``dealer="none"``): AND triples by OT
+  extension (:mod:`cryptogen_hf.mpc.ot`), the rest with HE.
+- :mod:`cryptogen_hf.mpc.ot`: IKNP random OT and the AND triples made from it.
 - :mod:`cryptogen_hf.mpc.compare`: the sign of a shared value with few AND
   gates (every comparison).
 - :mod:`cryptogen_hf.mpc.dealer`: the TTP dealer process's tuple provider and
