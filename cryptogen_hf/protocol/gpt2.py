@@ -534,7 +534,12 @@ class SecureGPT2:
             party.channel.send("bench.fill", pack_blobs(blobs))
         else:
             blobs = unpack_blobs(party.channel.recv_payload("bench.fill"))
-            per_layer = len(blobs) // shape.n_layer
+            if outer is not None:
+                per_layer = sum(int(nonzero.sum()) for nonzero in outer.key_value_nonzero())
+            else:
+                per_layer = 2 * -(-n_tokens // layout.B)
+            if len(blobs) != per_layer * shape.n_layer:  # counted before any ciphertext is parsed
+                raise ValueError(f"client sent {len(blobs)} cache-fill ciphertexts, expected {per_layer * shape.n_layer}")
             for layer in range(shape.n_layer):
                 cts = [he.load_ct(b) for b in blobs[layer * per_layer : (layer + 1) * per_layer]]
                 if outer is not None:
