@@ -31,6 +31,8 @@ def _serve(args) -> int:
     config.server.diagnostics = config.server.diagnostics or args.diagnostics
     if args.max_sessions is not None:
         config.server.max_concurrent_sessions = args.max_sessions
+    if args.max_sessions_per_client is not None:
+        config.server.max_sessions_per_client = args.max_sessions_per_client
     config.validate()
 
     def announce(port: int):
@@ -90,6 +92,8 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--model-name", default=None, help="a name to announce to clients (default: none; the handshake carries the model's shapes only)")
     p.add_argument("--max-sessions", type=int, default=None, help="sessions served at once (default: the config's, 4)")
+    p.add_argument("--max-sessions-per-client", type=int, default=None,
+                   help="sessions one client address may hold at once (default: the config's, 2)")
     p.add_argument("--diagnostics", action="store_true",
                    help="allow benchmark and diagnostic operations (random cache fill, per-phase timings, memory); off by default")
     p.set_defaults(func=_serve)

@@ -78,6 +78,9 @@ class ServerSettings:
     # peaks at ~6 GB): a client beyond this is refused, with an error that
     # says so, before any worker is started.
     max_concurrent_sessions: int = 4
+    # Sessions one client address may hold at once (until clients
+    # authenticate, the address is what tells them apart).
+    max_sessions_per_client: int = 2
 
 
 @dataclass
@@ -124,9 +127,10 @@ class CryptoGenConfig:
             raise ConfigError("timeouts must be positive")
         if not isinstance(self.server.model_name, str) or len(self.server.model_name) > 200:
             raise ConfigError("server.model_name must be a string of at most 200 characters")
-        if isinstance(self.server.max_concurrent_sessions, bool) or not isinstance(self.server.max_concurrent_sessions, int) \
-                or self.server.max_concurrent_sessions < 1:
-            raise ConfigError(f"server.max_concurrent_sessions must be an integer >= 1, got {self.server.max_concurrent_sessions!r}")
+        for key in ("max_concurrent_sessions", "max_sessions_per_client"):
+            value = getattr(self.server, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"server.{key} must be an integer >= 1, got {value!r}")
         if not isinstance(self.server.diagnostics, bool):
             raise ConfigError(f"server.diagnostics must be true or false, got {self.server.diagnostics!r}")
         return self

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -99,19 +100,37 @@ def _children(pid: int) -> list[str]:
         return f.read().split()
 
 
-def test_busy_server_refuses_a_client_before_starting_a_worker(tiny_checkpoint, tmp_path):
-    settings = CryptoGenConfig(server=ServerSettings(max_concurrent_sessions=1))
-    proc, port = start_server(tiny_checkpoint, settings=settings, settings_path=tmp_path / "server.yaml")
+def _knock(port: int, source: str = "127.0.0.1") -> str:
+    """Connect from `source`, say hello, and return the server's refusal."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    channel = transport.Channel(sock, "server", timeout_s=10)
+    try:
+        channel.send("hello", b"{}")
+        with pytest.raises(PeerReportedError) as refused:
+            channel.recv_payload("welcome")
+        return refused.value.peer_message
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("limits, refusal", [
+    (ServerSettings(max_concurrent_sessions=1), "server busy: 1 sessions running (limit 1)"),
+    (ServerSettings(max_sessions_per_client=1), "too many sessions from 127.0.0.1: 1 running (limit 1)"),
+])
+def test_server_limits_refuse_a_client_before_starting_a_worker(tiny_checkpoint, tmp_path, limits, refusal):
+    proc, port = start_server(tiny_checkpoint, settings=CryptoGenConfig(server=limits), settings_path=tmp_path / "server.yaml")
     try:
         first = ClientSession("127.0.0.1", port)
         try:
             assert len(_children(proc.pid)) == 1  # the first session's worker
-            extra = transport.connect("127.0.0.1", port, "server", timeout_s=10)
-            extra.send("hello", b"{}")
-            with pytest.raises(PeerReportedError, match="server busy: 1 sessions running"):
-                extra.recv_payload("welcome")
-            extra.close()
+            assert _knock(port).startswith(refusal)
             assert len(_children(proc.pid)) == 1  # no worker was started for it
+            if limits.max_concurrent_sessions > 1:
+                # Another address is not held to the first one's limit: it reaches a
+                # worker (whose handshake then refuses the empty hello).
+                assert "too many sessions" not in _knock(port, source="127.0.0.2")
             logits = first.forward([5, 6], [False, True])  # the running session is untouched
             assert logits.shape == (1, 300) and torch.isfinite(torch.as_tensor(logits)).all()
         finally:

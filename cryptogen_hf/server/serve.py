@@ -153,15 +153,15 @@ def serve(
     if ready is not None:
         ready(bound)
     fork = multiprocessing.get_context("fork")
-    workers: list[multiprocessing.Process] = []
+    workers: list[tuple[multiprocessing.Process, str]] = []  # (worker, the client's address)
     served = 0
     listener.settimeout(1.0)
     try:
         while max_sessions is None or served < max_sessions or workers:
             alive = []
-            for w in workers:
+            for w, client in workers:
                 if w.is_alive():
-                    alive.append(w)
+                    alive.append((w, client))
                 else:
                     w.join()  # reap: the session's memory is back with the OS
             workers = alive
@@ -170,20 +170,25 @@ def serve(
                     break
                 continue
             try:
-                conn, _ = listener.accept()
+                conn, (client, _) = listener.accept()
             except socket.timeout:
                 continue
-            if len(workers) >= config.server.max_concurrent_sessions:
-                _refuse(conn, f"server busy: {len(workers)} sessions running (limit {config.server.max_concurrent_sessions}); try again later")
+            limits = config.server
+            theirs = sum(1 for _, c in workers if c == client)
+            if len(workers) >= limits.max_concurrent_sessions:
+                _refuse(conn, f"server busy: {len(workers)} sessions running (limit {limits.max_concurrent_sessions}); try again later")
+                continue
+            if theirs >= limits.max_sessions_per_client:
+                _refuse(conn, f"too many sessions from {client}: {theirs} running (limit {limits.max_sessions_per_client})")
                 continue
             worker = fork.Process(target=_session_worker, args=(listener, conn, hosted, config, host), daemon=True)
             worker.start()
             conn.close()  # the worker owns the connection now
-            workers.append(worker)
+            workers.append((worker, client))
             served += 1
     finally:
         listener.close()
-        for w in workers:
+        for w, _ in workers:
             w.join(timeout=5)
             if w.is_alive():
                 w.kill()
