@@ -93,7 +93,7 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="a name to announce to clients (default: none; the handshake carries the model's shapes only)")
     p.add_argument("--max-sessions", type=int, default=None, help="sessions served at once (default: the config's, 4)")
     p.add_argument("--max-sessions-per-client", type=int, default=None,
-                   help="sessions one client address may hold at once (default: the config's, 2)")
+                   help="sessions one client address may hold at once (default: the config's, 4)")
     p.add_argument("--diagnostics", action="store_true",
                    help="allow benchmark and diagnostic operations (random cache fill, per-phase timings, memory); off by default")
     p.set_defaults(func=_serve)

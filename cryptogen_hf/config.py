@@ -79,8 +79,10 @@ class ServerSettings:
     # says so, before any worker is started.
     max_concurrent_sessions: int = 4
     # Sessions one client address may hold at once (until clients
-    # authenticate, the address is what tells them apart).
-    max_sessions_per_client: int = 2
+    # authenticate, the address is what tells them apart). As many as the
+    # server takes by default: on loopback, or behind a NAT, every client
+    # has the same address; lower it where addresses tell clients apart.
+    max_sessions_per_client: int = 4
 
 
 @dataclass
