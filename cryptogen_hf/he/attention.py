@@ -399,7 +399,7 @@ class InnerKVCache:
         return m.after_rotate(b, fold_rotations(self.Bh) + 1) - math.log2(self.B)
 
 
-def calibrate_attention_slack(client, n_heads: int, d_head: int) -> float:
+def calibrate_attention_slack(client, n_heads: int, d_head: int, galois_steps=None) -> float:
     """Client side, at session set-up: how many bits the composed estimate of
     the decode attention kernels undershoots their real budget, less the
     noise model's margin. Measured on one full block of fresh encryptions of
@@ -408,12 +408,17 @@ def calibrate_attention_slack(client, n_heads: int, d_head: int) -> float:
     (``NoiseModel.attention_slack``), so that it refreshes a cache block when
     the results would really drop below 41 bits (he/flooding.py), not ~15
     bits earlier. Semi-honest: the server takes the client's measurement, as
-    it takes the fresh budget."""
+    it takes the fresh budget. ``galois_steps``: the session's (a superset
+    of the kernel's), made here once and reused by ``public_bundle``."""
     from .keys import ServerHE
 
     model = client.noise_model
     cache = InnerKVCache(n_heads, d_head, client.params, model)
-    server = ServerHE.from_bundle(client.public_bundle(cache.galois_steps()))
+    steps = sorted({int(s) for s in (cache.galois_steps() if galois_steps is None else galois_steps)})
+    if tuple(steps) != client._galois_steps:
+        client.make_galois_keys(steps)
+    # The client's own evaluation keys, in process: nothing leaves it.
+    server = ServerHE(client.params, client.public_key, client.relin_keys, client.galois_keys, steps, model)
     p = client.p
     rng = np.random.default_rng()  # operand values only: the measurement, not a secret
     for t in range(cache.B):

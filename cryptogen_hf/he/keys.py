@@ -272,9 +272,12 @@ class ClientHE(_HEBase):
         key is never serialized here.
         """
         steps = sorted({int(s) for s in galois_steps})
-        gk = sealapi.GaloisKeys()
-        if steps:
-            self.keygen.create_galois_keys(self.galois_elements(steps), gk)
+        if steps and tuple(steps) == self._galois_steps:
+            gk = self.galois_keys  # made already (make_galois_keys): not twice
+        else:
+            gk = sealapi.GaloisKeys()
+            if steps:
+                self.keygen.create_galois_keys(self.galois_elements(steps), gk)
         header = {
             "params": self.params.to_dict(),
             "fingerprint": self.params.fingerprint(),

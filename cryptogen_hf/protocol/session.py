@@ -32,8 +32,8 @@ import secrets
 
 from ..config import CryptoGenConfig
 from ..he import ClientHE, HEParams, ServerHE
-from ..he.keys import bundle_size_limit
 from ..he.attention import calibrate_attention_slack
+from ..he.keys import bundle_size_limit
 from ..mpc import runtime
 from . import transport
 from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
@@ -304,8 +304,8 @@ class ClientSession:
         self.he = ClientHE(he_params)
         # Tighten the server's noise estimates for this model's attention
         # kernels (it refreshes cache blocks by them: he/attention.py).
-        self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim)
         steps = sorted(set(self.plans.galois_steps()) | self.policy.galois_steps())
+        self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim, steps)
         self.channel.send("he_bundle", self.he.public_bundle(steps))
 
         mpc_config = runtime.MPCConfig(
