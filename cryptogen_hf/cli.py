@@ -1,7 +1,8 @@
 """``cryptogen``: command-line entry points.
 
-    cryptogen serve --model PATH [--host H] [--port P] [--config NAME_OR_PATH]
-    cryptogen generate --model PATH | --server HOST:PORT --prompt TEXT [--max-new-tokens N]
+    cryptogen credentials --host H [--host H2 ...] --out DIR
+    cryptogen serve --model PATH --cert PEM --key PEM --tokens FILE [--host H] [--port P] [--config NAME_OR_PATH]
+    cryptogen generate --model PATH | --server HOST:PORT --server-cert PEM --token-file FILE --prompt TEXT
     cryptogen eval --data FILE [--model PATH] [--secure [--max-tokens N --window W --stride S]]
     cryptogen bench [--model PATH] [--contexts 32 64 ...] [--client-dealer-weights-public] [--out FILE.json]
     cryptogen finetune --model PATH --train-file FILE --output-dir DIR [--max-steps N ...]
@@ -33,6 +34,9 @@ def _serve(args) -> int:
         config.server.max_concurrent_sessions = args.max_sessions
     if args.max_sessions_per_client is not None:
         config.server.max_sessions_per_client = args.max_sessions_per_client
+    for key in ("cert", "key", "tokens"):
+        if getattr(args, key):
+            setattr(config.server, f"{key}_file", getattr(args, key))
     config.validate()
 
     def announce(port: int):
@@ -58,7 +62,12 @@ def _generate(args) -> int:
     if not (args.tokenizer or args.model):
         raise CLIError("with --server, give --tokenizer PATH (the client needs only the tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = CryptoGenForCausalLM.from_pretrained(args.model, server=args.server, settings=args.config)
+    remote = {}
+    if args.server:
+        from .protocol.credentials import read_token
+
+        remote = {"server_cert": args.server_cert, "server_token": read_token(None, args.token_file)}
+    model = CryptoGenForCausalLM.from_pretrained(args.model, server=args.server, settings=args.config, **remote)
     try:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         start = time.perf_counter()
@@ -74,6 +83,17 @@ def _generate(args) -> int:
         print(f"\n[{new} tokens in {elapsed:.1f} s: {elapsed / max(new, 1):.2f} s/token, secure]", file=sys.stderr)
     finally:
         model.close()
+    return 0
+
+
+def _credentials(args) -> int:
+    from .protocol.credentials import write_credentials
+
+    files = write_credentials(args.out, args.host)
+    print(f"server certificate (give it to clients): {files['cert']}")
+    print(f"server private key (keep it on the server): {files['key']}")
+    print(f"tokens file for `cryptogen serve --tokens`: {files['tokens']}")
+    print(f"the client's token (give it to that client only): {files['token']}")
     return 0
 
 
@@ -93,14 +113,24 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="a name to announce to clients (default: none; the handshake carries the model's shapes only)")
     p.add_argument("--max-sessions", type=int, default=None, help="sessions served at once (default: the config's, 4)")
     p.add_argument("--max-sessions-per-client", type=int, default=None,
-                   help="sessions one client address may hold at once (default: the config's, 4)")
+                   help="sessions one client (a name in the tokens file) may hold at once (default: the config's, 4)")
+    p.add_argument("--cert", default=None, help="TLS certificate (PEM) the server proves itself with (required)")
+    p.add_argument("--key", default=None, help="the certificate's private key (PEM; required)")
+    p.add_argument("--tokens", default=None, help="tokens file, one 'NAME TOKEN' per client (required)")
     p.add_argument("--diagnostics", action="store_true",
                    help="allow benchmark and diagnostic operations (random cache fill, per-phase timings, memory); off by default")
     p.set_defaults(func=_serve)
 
+    c = sub.add_parser("credentials", help="make a self-signed TLS certificate, its key and a client token")
+    c.add_argument("--host", action="append", required=True, help="a DNS name or IP address clients dial (repeat for more)")
+    c.add_argument("--out", required=True, help="folder to write server.pem, server.key, tokens.txt, client.token")
+    c.set_defaults(func=_credentials)
+
     g = sub.add_parser("generate", help="generate securely from a prompt")
     g.add_argument("--model", default=None, help="checkpoint folder: starts a local server on loopback")
     g.add_argument("--server", default=None, help="HOST:PORT of a running `cryptogen serve`")
+    g.add_argument("--server-cert", default=None, help="with --server: the server's certificate or CA (PEM); default: the system's CAs")
+    g.add_argument("--token-file", default=None, help="with --server: file holding this client's token")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -129,13 +159,14 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
 def main(argv=None, prog: str = "cryptogen") -> int:
     from .cli_common import CLIError
     from .config import ConfigError
+    from .protocol.credentials import CredentialsError
     from .server.weights import UnsupportedArchitectureError
 
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (CLIError, ConfigError, UnsupportedArchitectureError, FileNotFoundError, NotADirectoryError) as exc:
+    except (CLIError, ConfigError, CredentialsError, UnsupportedArchitectureError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -60,6 +60,9 @@ class TimeoutSettings:
     peer_s: float = 120.0
     startup_s: float = 180.0
     idle_s: float = 3600.0
+    # Seconds a new connection gets to finish the TLS handshake and present
+    # its token; the server's accepting process serves no one else meanwhile.
+    auth_s: float = 10.0
 
 
 @dataclass
@@ -78,11 +81,15 @@ class ServerSettings:
     # peaks at ~6 GB): a client beyond this is refused, with an error that
     # says so, before any worker is started.
     max_concurrent_sessions: int = 4
-    # Sessions one client address may hold at once (until clients
-    # authenticate, the address is what tells them apart). As many as the
-    # server takes by default: on loopback, or behind a NAT, every client
-    # has the same address; lower it where addresses tell clients apart.
+    # Sessions one client (a name in the tokens file) may hold at once.
     max_sessions_per_client: int = 4
+    # TLS certificate and private key (PEM) the server proves itself with,
+    # and the tokens file naming the clients it serves
+    # (protocol/credentials.py; `cryptogen credentials` makes all three).
+    # A server does not start without them.
+    cert_file: str = ""
+    key_file: str = ""
+    tokens_file: str = ""
 
 
 @dataclass
@@ -125,7 +132,7 @@ class CryptoGenConfig:
                 raise ConfigError(f"he.coeff_modulus_bits: {exc}") from None
         if self.he.noise_reserve_bits < 0:
             raise ConfigError(f"he.noise_reserve_bits must be >= 0, got {self.he.noise_reserve_bits}")
-        if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0:
+        if self.timeouts.peer_s <= 0 or self.timeouts.startup_s <= 0 or self.timeouts.auth_s <= 0:
             raise ConfigError("timeouts must be positive")
         if not isinstance(self.server.model_name, str) or len(self.server.model_name) > 200:
             raise ConfigError("server.model_name must be a string of at most 200 characters")

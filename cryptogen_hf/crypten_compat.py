@@ -44,6 +44,10 @@ bound them:
 - the TTP dealer's seed set-up (``TTPClient``/``TTPServer._setup_generators``)
   the same way.
 
+The communicator (the fourth patch): ``DistributedCommunicator.is_initialized``
+accepts the two-party communicator on the session channel
+(:mod:`cryptogen_hf.mpc.channel_comm`), which needs no torch.distributed.
+
 Comparisons (the third patch): ``MPCTensor._ltz``, under every CrypTen
 comparison, computes only the top bit of the sum of the two shares
 (:mod:`cryptogen_hf.mpc.compare`, 181 AND gates) instead of CrypTen's whole
@@ -155,6 +159,7 @@ def import_crypten():
             raise CryptenCompatError(f"crypten imported but lacks crypten.{attr}")
     _install_secure_randomness(crypten)
     _install_lean_comparison()
+    _install_channel_communicator_check()
     _crypten = crypten
     return crypten
 
@@ -251,6 +256,31 @@ def _install_lean_comparison() -> None:
     if not callable(getattr(MPCTensor, "_ltz", None)):
         raise CryptenCompatError("crypten's MPCTensor has no _ltz; the comparison patch does not apply")
     MPCTensor._ltz = _ltz
+
+
+def _install_channel_communicator_check() -> None:
+    """DistributedCommunicator.is_initialized: an installed instance, whatever it is.
+
+    CrypTen looks its communicator up through ``DistributedCommunicator.instance``
+    and counts it as initialised only while torch.distributed is; the
+    two-party communicator on the session channel (mpc/channel_comm.py) uses
+    no torch.distributed at all."""
+    from crypten.communicator import DistributedCommunicator
+
+    check = vars(DistributedCommunicator).get("is_initialized")
+    if not isinstance(check, classmethod) or "instance" not in vars(DistributedCommunicator):
+        raise CryptenCompatError("CrypTen's DistributedCommunicator.is_initialized/instance changed; the communicator patch does not apply")
+    DistributedCommunicator.is_initialized = classmethod(_communicator_is_initialized)
+
+
+def _communicator_is_initialized(cls):
+    import torch.distributed as dist
+    from crypten.communicator import DistributedCommunicator
+
+    instance = cls.instance
+    if instance is None:
+        return False
+    return dist.is_initialized() if isinstance(instance, DistributedCommunicator) else True
 
 
 def _ltz(self):

@@ -12,8 +12,7 @@ import torch
 
 from cryptogen_hf.crypten_compat import import_crypten
 from cryptogen_hf.he import ClientHE, HEParams, ServerHE
-from cryptogen_hf.mpc.runtime import CLIENT, SERVER, MPCConfig, free_port, launch_local, rank_of, shutdown
-from cryptogen_hf.protocol import transport
+from cryptogen_hf.mpc.runtime import CLIENT, SERVER, MPCConfig, launch_local, party_channel, rank_of
 from cryptogen_hf.protocol.convert import he_to_shares, shares_to_he
 from cryptogen_hf.protocol.layouts import SlotVector
 from cryptogen_hf.protocol.party import Party
@@ -22,14 +21,12 @@ N_VALUES = 512
 N_TRIALS = 40
 
 
-def _open_party(role, channel_port, config):
-    """Channel + HE keys for one role (launch_local has already joined CrypTen)."""
+def _open_party(role):
+    """HE keys for one role, over the channel CrypTen already runs on (launch_local joined it)."""
+    channel = party_channel()
     if role == SERVER:
-        listener = transport.listen("127.0.0.1", channel_port)
-        channel = transport.accept(listener, "client", timeout_s=60)
         he = ServerHE.from_bundle(channel.recv_payload("he_bundle"))
     else:
-        channel = transport.connect("127.0.0.1", channel_port, "server", timeout_s=60, retry_s=60)
         he = ClientHE(HEParams())
         channel.send("he_bundle", he.public_bundle([]))
     return Party(role, channel, he)
@@ -42,9 +39,9 @@ def _reveal_ring(t):
     return comm.get().all_reduce(t._tensor.share.clone())
 
 
-def _conversion_session(role, channel_port, config):
+def _conversion_session(role):
     crypten = import_crypten()
-    party = _open_party(role, channel_port, config)
+    party = _open_party(role)
     p = party.he.p
     layout = SlotVector(N_VALUES, party.he.slot_count)
     gen = torch.Generator().manual_seed(7)  # test inputs, same on both sides for the assertions
@@ -101,15 +98,12 @@ def _conversion_session(role, channel_port, config):
     out["seen_to_he"] = seen_to_he
     out["secrets"] = torch.stack(secrets)
     out["p"] = p
-    shutdown()
-    party.channel.close()
     return out
 
 
 @pytest.fixture(scope="module")
 def results():
-    config = MPCConfig(dealer="none", port=free_port(), timeout_s=60)
-    return launch_local(_conversion_session, config, args=(free_port(), config), wall_timeout_s=600)
+    return launch_local(_conversion_session, MPCConfig(dealer="none", timeout_s=60), wall_timeout_s=600)
 
 
 def test_shares_he_roundtrip_within_one_ulp(results):

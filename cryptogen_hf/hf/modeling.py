@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import os
 import queue
 import subprocess
 import sys
@@ -136,27 +135,39 @@ def _no_new_tokens_message(cached: int, given: int) -> str:
 
 
 def _start_local_server(model_path: str, settings: CryptoGenConfig):
-    """Start ``cryptogen serve`` as a child process on loopback; return (process, port).
+    """Start ``cryptogen serve`` as a child process on loopback; return
+    (process, port, server certificate PEM, token).
 
     The same program a remote deployment runs, so local mode exercises the
-    real server; it loads the weights, this process never does.
+    real server (TLS and token included); it loads the weights, this process
+    never does. Its certificate and token are made here, fresh for each
+    start, and the client pins that certificate; the files are deleted once
+    the server has read them.
     """
-    settings_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    settings_file.close()
+    from ..protocol import credentials
+
     # A local server serves this process only, for its user: its benchmark and
     # diagnostic operations (timings, memory, cache fills) are on.
     local = CryptoGenConfig.from_dict(settings.to_dict())
     local.server.diagnostics = True
-    local.save(settings_file.name)
-    command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--port", "0",
-               "--config", settings_file.name, "--quiet"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    stderr_tail = collections.deque(maxlen=30)
-    threading.Thread(target=lambda: [stderr_tail.append(line) for line in proc.stderr], daemon=True).start()
-    deadline = time.monotonic() + settings.timeouts.startup_s
-    try:
+    cert, key = credentials.self_signed_certificate(["127.0.0.1", "localhost"], days=7)
+    token = credentials.new_token()
+    with tempfile.TemporaryDirectory(prefix="cryptogen-local-") as private:  # mode 0700
+        files = {"cert": Path(private, "server.pem"), "key": Path(private, "server.key"), "tokens": Path(private, "tokens.txt")}
+        files["cert"].write_bytes(cert)
+        files["key"].write_bytes(key)
+        files["tokens"].write_text(f"local {token}\n")
+        local.server.cert_file, local.server.key_file, local.server.tokens_file = map(str, files.values())
+        settings_file = Path(private, "settings.yaml")
+        local.save(settings_file)
+        command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--port", "0",
+                   "--config", str(settings_file), "--quiet"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+        stderr_tail = collections.deque(maxlen=30)
+        threading.Thread(target=lambda: [stderr_tail.append(line) for line in proc.stderr], daemon=True).start()
+        deadline = time.monotonic() + settings.timeouts.startup_s
         while time.monotonic() < deadline:
             try:
                 line = lines.get(timeout=0.2)
@@ -166,11 +177,9 @@ def _start_local_server(model_path: str, settings: CryptoGenConfig):
                     raise RuntimeError(f"the local server exited (code {proc.returncode}):\n{''.join(stderr_tail)}")
                 continue
             if line.startswith("CRYPTOGEN_LISTENING "):
-                return proc, int(line.rsplit(":", 1)[1])
+                return proc, int(line.rsplit(":", 1)[1]), cert, token
         proc.kill()
         raise RuntimeError(f"the local server did not start within {settings.timeouts.startup_s:.0f} s")
-    finally:
-        os.unlink(settings_file.name)
 
 
 class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
@@ -199,13 +208,17 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
 
     # -- loading --------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path=None, *, server: str | None = None, settings=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, server: str | None = None, server_cert=None,
+                        server_token: str | None = None, settings=None, **kwargs):
         """Connect to a secure server for this checkpoint.
 
         pretrained_model_name_or_path: an ordinary GPT-2 checkpoint folder. Without
             ``server``, a server process is started on loopback and loads the weights;
             this process reads only the public config.json.
         server: "host:port" of a running ``cryptogen serve``; the path is then optional.
+        server_cert: with ``server``, the server's certificate or CA (PEM path or bytes)
+            the connection must verify against (default: the system's CAs).
+        server_token: with ``server``, this client's token (from the server's operator).
         settings: a cryptogen_hf config name, path or CryptoGenConfig (HE parameters,
             fixed point, dealer, timeouts); must match the server's.
         """
@@ -224,7 +237,10 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             from ..server.weights import check_supported
 
             check_supported(AutoConfig.from_pretrained(pretrained_model_name_or_path))
-            proc, port = _start_local_server(pretrained_model_name_or_path, settings)
+            if server_cert is not None or server_token is not None:
+                raise ValueError("server_cert and server_token are for a remote server (server='host:port'); "
+                                 "a local server makes its own certificate and token")
+            proc, port, server_cert, server_token = _start_local_server(pretrained_model_name_or_path, settings)
             host = "127.0.0.1"
         else:
             host, _, port_text = server.rpartition(":")
@@ -232,7 +248,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"server must be 'host:port', got {server!r}")
             port = int(port_text)
         try:
-            session = ClientSession(host, port, settings)
+            session = ClientSession(host, port, settings, server_cert=server_cert, token=server_token)
         except BaseException:
             if proc is not None:
                 proc.kill()

@@ -377,9 +377,7 @@ def _exchange_identities(role: str) -> dict[str, tuple[str, int]]:
     return ids
 
 
-def _connect(role: str, config: MPCConfig, timeout_s: float):
-    if config.port == 0:
-        raise ValueError("MPCConfig.port must be set (port=0 is only for launch_local)")
+def _join(role: str, config: MPCConfig) -> None:
     crypten = import_crypten()
     from crypten.communicator import DistributedCommunicator
 
@@ -390,6 +388,15 @@ def _connect(role: str, config: MPCConfig, timeout_s: float):
     _select_provider(config)
     _state.clear()
     _state.update(role=role, config=config)
+    return crypten
+
+
+def _connect_gloo(role: str, config: MPCConfig, timeout_s: float):
+    """Three processes (TTP mode only): gloo with a rendezvous on ``config.port``."""
+    if config.port == 0:
+        raise ValueError("MPCConfig.port must be set (port=0 is only for launch_local)")
+    crypten = _join(role, config)
+    from crypten.communicator import DistributedCommunicator
 
     cls = _timed_communicator_class()
     DistributedCommunicator.instance = cls(
@@ -403,13 +410,26 @@ def _connect(role: str, config: MPCConfig, timeout_s: float):
     return crypten
 
 
-def init_party(role: str, config: MPCConfig) -> None:
-    """Join the session as "server" or "client": rendezvous on TCP, choose the
-    dealer's provider, set up CrypTen (what crypten.init does, but with our
-    timed communicator)."""
+def init_party(role: str, config: MPCConfig, channel=None) -> None:
+    """Join the session as "server" or "client": install CrypTen's communicator,
+    choose the dealer's provider, set up the PRGs (what crypten.init does).
+
+    Two parties (dealer "none" or "client"): CrypTen runs over ``channel``,
+    the session's own connection (:mod:`.channel_comm`); nothing else is
+    opened. TTP mode (benchmarks only): gloo on ``config.host:config.port``."""
     if role not in PARTY_ROLES:
         raise ValueError(f"init_party: role must be one of {PARTY_ROLES}, got {role!r}")
-    crypten = _connect(role, config, config.timeout_s)
+    if config.uses_ttp:
+        crypten = _connect_gloo(role, config, config.timeout_s)
+    else:
+        if channel is None:
+            raise ValueError(f"dealer {config.dealer!r}: the two parties' MPC runs over their channel; pass channel=")
+        crypten = _join(role, config)
+        from crypten.communicator import DistributedCommunicator
+
+        from .channel_comm import ChannelCommunicator
+
+        DistributedCommunicator.instance = ChannelCommunicator(channel, rank_of(role))
     try:
         # The rest of crypten.init(): pairwise/global PRG seeds, TTP client.
         crypten._setup_prng()
@@ -426,7 +446,7 @@ def run_dealer(config: MPCConfig) -> None:
     server sends CrypTen's "terminate" message or a party disconnects."""
     if not config.uses_ttp:
         raise ValueError("run_dealer is only for dealer='ttp'")
-    _connect(DEALER, config, config.dealer_idle_timeout_s)
+    _connect_gloo(DEALER, config, config.dealer_idle_timeout_s)
     from .dealer import serve_dealer
 
     try:
@@ -444,6 +464,12 @@ def shutdown() -> None:
     from crypten.communicator import DistributedCommunicator
 
     if not DistributedCommunicator.is_initialized():
+        return
+    from .channel_comm import ChannelCommunicator
+
+    if isinstance(DistributedCommunicator.instance, ChannelCommunicator):
+        DistributedCommunicator.instance = None  # the channel belongs to the session, which closes it
+        _state.clear()
         return
     try:
         if _state.get("config") is not None and _state["config"].uses_ttp and _state.get("role") != DEALER:
@@ -473,6 +499,14 @@ def current_role() -> str | None:
     return _state.get("role")
 
 
+def party_channel():
+    """The channel CrypTen runs over in this process (two-party modes), e.g. for
+    a launch_local job that also sends ciphertexts to its peer."""
+    from crypten.communicator import DistributedCommunicator
+
+    return getattr(DistributedCommunicator.instance, "channel", None)
+
+
 # --------------------------------------------------------------------------
 # Peer failures -> PeerError naming the peer.
 # --------------------------------------------------------------------------
@@ -493,7 +527,9 @@ _COMM_ERROR_MARKERS = (
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    if isinstance(exc, PeerError):
+    from ..protocol.transport import TransportError
+
+    if isinstance(exc, (PeerError, TransportError)):
         return True
     dist_error = getattr(dist, "DistBackendError", None)
     if dist_error is not None and isinstance(exc, dist_error):
@@ -566,7 +602,7 @@ def child_main(job_path: str, result_path: str) -> None:
     """Body of one launch_local child (``python -m cryptogen_hf.mpc.child``):
     import the job's function by name, join the session, run, write the result."""
     with open(job_path, "rb") as f:
-        role, module_name, qualname, config, args = pickle.load(f)
+        role, module_name, qualname, config, args, channel_fd = pickle.load(f)
     try:
         if role == DEALER:
             run_dealer(config)
@@ -575,7 +611,13 @@ def child_main(job_path: str, result_path: str) -> None:
         fn = importlib.import_module(module_name)
         for part in qualname.split("."):
             fn = getattr(fn, part)
-        init_party(role, config)
+        channel = None
+        if channel_fd is not None:
+            from ..protocol.transport import Channel
+
+            peer = CLIENT if role == SERVER else SERVER
+            channel = Channel(socket.socket(fileno=channel_fd), peer, timeout_s=config.timeout_s)
+        init_party(role, config, channel)
         try:
             value = fn(role, *args)
         except BaseException as exc:  # noqa: BLE001 (reported to the parent)
@@ -623,9 +665,12 @@ def launch_local(
             "launch_local runs fn in new programs that import it by name: define it in an importable "
             "module, not in the script being run"
         )
-    if config.port == 0:
+    if config.uses_ttp and config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
     roles = list(PARTY_ROLES) + ([DEALER] if config.uses_ttp else [])
+    # Two parties talk over a socket pair made here (no port at all); the
+    # TTP benchmarks' three processes meet through gloo on loopback.
+    ends = {} if config.uses_ttp else dict(zip(PARTY_ROLES, socket.socketpair()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_import_root(fn.__module__), os.environ.get("PYTHONPATH")])))
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}  # role -> description, in order of arrival
@@ -635,11 +680,15 @@ def launch_local(
         for role in roles:
             job_path = os.path.join(tmp, f"{role}.job")
             result_paths[role] = os.path.join(tmp, f"{role}.result")
+            fd = ends[role].fileno() if role in ends else None
             with open(job_path, "wb") as f:
-                pickle.dump((role, fn.__module__, fn.__qualname__, config, tuple(args)), f)
+                pickle.dump((role, fn.__module__, fn.__qualname__, config, tuple(args), fd), f)
             procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "cryptogen_hf.mpc.child", job_path, result_paths[role]], env=env
+                [sys.executable, "-m", "cryptogen_hf.mpc.child", job_path, result_paths[role]], env=env,
+                pass_fds=() if fd is None else (fd,),
             )
+        for end in ends.values():
+            end.close()  # the children hold them now; a dead child's end then closes for its peer
         deadline = time.monotonic() + wall_timeout_s
         try:
             while True:

@@ -44,7 +44,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from cryptogen_hf.crypten_compat import import_crypten
 
@@ -73,7 +72,7 @@ class CorrelationError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# Messages: a list of byte strings as one length-prefixed uint8 tensor
+# Messages: a list of byte strings as one length-prefixed message
 # ---------------------------------------------------------------------------
 def pack_message(blobs: list[bytes]) -> bytes:
     return struct.pack(f"<Q{len(blobs)}Q", len(blobs), *map(len, blobs)) + b"".join(blobs)
@@ -97,31 +96,20 @@ def unpack_message(data: bytes) -> list[bytes]:
     return blobs
 
 
-def _isend_blobs(blobs: list[bytes], dst: int) -> list:
-    """Send without waiting; returns [(work, buffer)] to wait on (the buffers must stay alive)."""
-    payload = torch.from_numpy(np.frombuffer(pack_message(blobs), dtype=np.uint8).copy())
-    size = torch.tensor([payload.numel()], dtype=torch.long)
-    group = comm.get().main_group
-    _log_traffic(payload.numel())
-    return [(dist.isend(size, dst, group=group), size), (dist.isend(payload, dst, group=group), payload)]
-
-
 def _send_blobs(blobs: list[bytes], dst: int) -> None:
-    for work, _ in _isend_blobs(blobs, dst):
-        work.wait()
+    """One message on the session channel; returns once it is with the kernel
+    (the channel reads the peer's messages meanwhile, so both may send at once)."""
+    payload = pack_message(blobs)
+    _log_traffic(len(payload))
+    comm.get().send_bytes(payload, dst)
 
 
 def _recv_blobs(src: int) -> list[bytes]:
-    group = comm.get().main_group
-    size = torch.empty(1, dtype=torch.long)
-    dist.recv(size, src, group=group)
-    n_bytes = int(size.item())
-    if not 8 <= n_bytes <= MAX_MESSAGE_BYTES:
-        raise CorrelationError(f"correlated-randomness message of {n_bytes} bytes (limit {MAX_MESSAGE_BYTES})")
-    payload = torch.empty(n_bytes, dtype=torch.uint8)
-    dist.recv(payload, src, group=group)
-    _log_traffic(n_bytes)
-    return unpack_message(payload.numpy().tobytes())
+    payload = comm.get().recv_bytes(src)
+    if not 8 <= len(payload) <= MAX_MESSAGE_BYTES:
+        raise CorrelationError(f"correlated-randomness message of {len(payload)} bytes (limit {MAX_MESSAGE_BYTES})")
+    _log_traffic(len(payload))
+    return unpack_message(payload)
 
 
 def _log_traffic(n_bytes: int) -> None:
@@ -244,13 +232,11 @@ class TwoPartyProvider(TupleProvider):
         share = self._cross(torch.from_numpy(x.view(np.int64)), torch.from_numpy(y.view(np.int64)), wide=True)
         share = share.numpy().view(np.uint64)
         receiver_block, sender_block = rank, 1 - rank
-        pending = _isend_blobs([(k0 + share[sender_block]).tobytes()], self._peer)
+        _send_blobs([(k0 + share[sender_block]).tobytes()], self._peer)
         (w,) = _recv_blobs(self._peer)
         if len(w) != KAPPA * SEED_BYTES:
             raise CorrelationError(f"base-OT message of {len(w)} bytes, expected {KAPPA * SEED_BYTES}")
         chosen = limbs_to_seeds(np.frombuffer(w, dtype="<u8").reshape(KAPPA, LIMBS) + share[receiver_block])
-        for work, _ in pending:
-            work.wait()
         self._ot_sender = OTExtensionSender(s_bits, chosen)
         self._ot_receiver = OTExtensionReceiver(seeds0, seeds1, prg)
 
@@ -262,7 +248,7 @@ class TwoPartyProvider(TupleProvider):
         """This party's share (int64, mod 2**64) of x_server*y_client + x_client*y_server,
         elementwise; x and y are this party's own values (same shape).
 
-        One exchange per chunk of N slots, sent without waiting: the server
+        One exchange per chunk of N slots, the client's all sent first: the server
         evaluates chunk c while the client encrypts chunk c + 1 and decrypts
         chunk c - 1, so the two processes work at the same time."""
         if x.shape != y.shape:
@@ -273,20 +259,17 @@ class TwoPartyProvider(TupleProvider):
         xs, ys = _as_u64(x), _as_u64(y)
         chunks = chunk_bounds(xs.size)
         share = np.empty(xs.size, dtype=np.uint64)
-        pending = []  # async sends: their buffers must live until they complete
         if self._client is not None:
             for lo, hi in chunks:
-                pending += _isend_blobs(self._client.encrypt(xs[lo:hi], ys[lo:hi], wide), SERVER_RANK)
+                _send_blobs(self._client.encrypt(xs[lo:hi], ys[lo:hi], wide), SERVER_RANK)
             for lo, hi in chunks:
                 share[lo:hi] = self._client.decrypt(_recv_blobs(SERVER_RANK), hi - lo, wide)
         elif self._server is not None:
             for lo, hi in chunks:
                 replies, share[lo:hi] = self._server.evaluate(_recv_blobs(CLIENT_RANK), xs[lo:hi], ys[lo:hi], wide, self._local_prg())
-                pending += _isend_blobs(replies, CLIENT_RANK)
+                _send_blobs(replies, CLIENT_RANK)
         else:
             raise RuntimeError("two-party correlations used before setup() (no HE keys exchanged)")
-        for work, _ in pending:
-            work.wait()
         self.stats["seconds"] += time.perf_counter() - start
         self.stats["requests"] += 1
         return torch.from_numpy(share.view(np.int64).copy()).reshape(x.shape)
@@ -312,11 +295,9 @@ class TwoPartyProvider(TupleProvider):
         for lo in range(0, n_words, BATCH["binary"]):  # messages of at most 8 MiB
             m = 64 * (min(n_words, lo + BATCH["binary"]) - lo)
             u, r, m_r = self._ot_receiver.extend(m)
-            pending = _isend_blobs([u], self._peer)
+            _send_blobs([u], self._peer)
             (u_peer,) = _recv_blobs(self._peer)
             sent = self._ot_sender.extend(u_peer, m)
-            for work, _ in pending:
-                work.wait()
             parts.append(and_triples_from_ots(sent, (r, m_r)))
         self.stats["seconds"] += time.perf_counter() - start
         self.stats["and_bits"] += 64 * n_words

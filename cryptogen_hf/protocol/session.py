@@ -4,15 +4,27 @@ The server side (``run_server_session``) runs in its own worker process, one
 per client (see ``server.serve``); the client side (``ClientSession``) runs
 in the user's process, under ``CryptoGenForCausalLM``.
 
-Handshake (over the framed channel), before any expensive work:
+One TLS connection carries the whole session (protocol/transport.py); the
+client has checked the server's certificate before its first byte.
+
+Authentication, answered by the server's accepting process (server/serve.py)
+before any worker exists:
+
+    client -> server  auth     {token}
+    server -> client  auth.ok, or error (wrong token, server busy, too many
+                      sessions for this client) and the connection closes
+
+Handshake, with the client's own worker, before any expensive work:
 
     client -> server  hello    {protocol, he params, fixed point, dealer}
-    server -> client  welcome  {session id, model shape, model name, MPC port}
+    server -> client  welcome  {session id, model shape (and a name only if
+                      the operator announces one)}
                       or error naming the mismatch (then the worker exits)
     client -> server  he_bundle  public + relinearization + Galois keys only
-    both              join CrypTen; with dealer "none" (the default) the client
-                      also sends the public keys of its cross-product HE
-                      (mpc/two_party.py); nobody else takes part
+    both              join CrypTen on the same connection; with dealer "none"
+                      (the default) the client also sends the public keys of
+                      its cross-product HE (mpc/two_party.py); nobody else
+                      takes part
 
 Then requests, each answered in lockstep by the SPMD protocol:
 
@@ -35,7 +47,7 @@ from ..he import ClientHE, HEParams, ServerHE
 from ..he.attention import calibrate_attention_slack
 from ..he.keys import bundle_size_limit
 from ..mpc import runtime
-from . import transport
+from . import credentials, transport
 from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
 from .party import CLIENT, SERVER, Party
 
@@ -188,11 +200,16 @@ def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: b
     return op
 
 
+def _mpc_config(config: CryptoGenConfig) -> runtime.MPCConfig:
+    """CrypTen runs over the session's own channel: no host or port of its own."""
+    return runtime.MPCConfig(dealer=config.mpc.dealer, timeout_s=config.timeouts.peer_s)
+
+
 # ---------------------------------------------------------------------------
 # Server side (runs in a per-session worker process)
 # ---------------------------------------------------------------------------
-def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConfig, host: str = "127.0.0.1") -> None:
-    """Serve one client until it closes. ``hosted`` is a ``server.serve.HostedModel``."""
+def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConfig) -> None:
+    """Serve one (authenticated) client until it closes. ``hosted`` is a ``server.serve.HostedModel``."""
     channel.limits.update(CONTROL_MESSAGE_LIMITS)
     hello = _json(channel.recv_payload("hello"))
     try:
@@ -201,8 +218,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
         channel.send("error", f"handshake refused: {exc}".encode())
         raise
     session_id = secrets.token_hex(16)  # 128 bits from the OS CSPRNG: unguessable
-    mpc_config = runtime.MPCConfig(dealer=config.mpc.dealer, host=host, port=runtime.free_port(host), timeout_s=config.timeouts.peer_s)
-    welcome = {"session": session_id, "shape": hosted.shape.to_dict(), "mpc_port": mpc_config.port}
+    welcome = {"session": session_id, "shape": hosted.shape.to_dict()}
     channel.send("welcome", json.dumps(welcome).encode())
 
     policy = PrefillLayoutPolicy(hosted.shape, hosted.he_params, hello["prefill_layout"])
@@ -220,7 +236,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     if config.he.noise_reserve_bits:  # the server's own, more conservative refresh policy
         he.noise_model = dataclasses.replace(he.noise_model, fresh=he.noise_model.fresh - config.he.noise_reserve_bits)
 
-    runtime.init_party(SERVER, mpc_config)
+    runtime.init_party(SERVER, _mpc_config(config), channel)
     try:
         party = Party(SERVER, channel, he)
         runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
@@ -271,25 +287,42 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
 # Client side (the user's process)
 # ---------------------------------------------------------------------------
 class ClientSession:
-    """The client's end of one secure session with a server at ``host:port``."""
+    """The client's end of one secure session with a server at ``host:port``.
+
+    server_cert: the server's certificate or its CA (PEM file path or PEM
+        bytes); None trusts the system's CAs. The connection is refused unless
+        the server proves it holds that certificate's key for ``host``.
+    token: this client's API token (protocol/credentials.py).
+    """
 
     _active = None  # CrypTen's communicator is per process: one session at a time
 
-    def __init__(self, host: str, port: int, config: CryptoGenConfig | None = None):
+    def __init__(self, host: str, port: int, config: CryptoGenConfig | None = None, *, server_cert=None, token: str | None = None):
         if ClientSession._active is not None:
             raise RuntimeError("this process already has an open secure session; close() it first")
         self.config = config or CryptoGenConfig()
         self.config.validate()
+        if not token:
+            raise credentials.CredentialsError("a token is needed to use a server: pass token= (the server's operator issues it)")
+        tls = credentials.client_tls_context(server_cert)
         timeout = self.config.timeouts.peer_s
-        self.channel = transport.connect(host, port, f"server {host}:{port}", timeout_s=timeout, retry_s=5.0)
+        self.channel = transport.connect(host, port, f"server {host}:{port}", timeout_s=timeout, retry_s=5.0, tls=tls)
         try:
-            self._open(host)
+            self._authenticate(token)
+            self._open()
         except BaseException:
             self._teardown()
             raise
         ClientSession._active = self
 
-    def _open(self, host: str):
+    def _authenticate(self, token: str):
+        self.channel.send("auth", json.dumps({"token": token}).encode())
+        try:
+            self.channel.recv_payload("auth.ok", timeout_s=self.config.timeouts.startup_s)
+        except transport.PeerReportedError as exc:
+            raise HandshakeError(f"the server refused this client: {exc.peer_message}") from None
+
+    def _open(self):
         self.channel.send("hello", json.dumps(_hello(self.config)).encode())
         try:
             payload = self.channel.recv_payload("welcome", timeout_s=self.config.timeouts.startup_s)
@@ -308,10 +341,7 @@ class ClientSession:
         self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim, steps)
         self.channel.send("he_bundle", self.he.public_bundle(steps))
 
-        mpc_config = runtime.MPCConfig(
-            dealer=self.config.mpc.dealer, host=host, port=welcome["mpc_port"], timeout_s=self.config.timeouts.peer_s
-        )
-        runtime.init_party(CLIENT, mpc_config)
+        runtime.init_party(CLIENT, _mpc_config(self.config), self.channel)
         self.party = Party(CLIENT, self.channel, self.he)
         self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
         self.plan = CorrelationPlan()

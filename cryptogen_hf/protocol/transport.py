@@ -1,8 +1,10 @@
-"""Framed, timed message channel between the two parties (ciphertexts, masked values).
+"""The one connection between the two parties: framed, timed, optionally TLS.
 
-CrypTen carries secret shares over its own torch.distributed group; everything
-else the parties exchange (serialized ciphertexts, masked vectors, the
-handshake) goes over one TCP connection wrapped by :class:`Channel`.
+Everything the parties exchange in a session crosses one TCP connection (TLS
+in every session; see :mod:`cryptogen_hf.protocol.credentials`): the
+handshake and requests, the serialized ciphertexts and masked vectors, and
+all of CrypTen's secret-share traffic (:mod:`cryptogen_hf.mpc.channel_comm`
+puts CrypTen's communicator on this channel). Nothing else listens.
 
 Wire format of one message::
 
@@ -10,16 +12,33 @@ Wire format of one message::
     kind    2 bytes  length, then that many UTF-8 bytes (what the message is)
     payload 8 bytes  length, then that many bytes
 
+Two streams share the connection: messages of kind ``"mpc"`` (CrypTen's) and
+all others (the protocol's). Each stream is delivered in order; a message of
+the other stream that arrives while a party waits is queued for that stream
+(at most ``MAX_QUEUED_BYTES``). So the two layers keep the independence they
+had on two sockets, and neither has to know when the other sends.
+
+The socket is non-blocking and driven from the calling thread only (an
+``ssl.SSLSocket`` must not be used from two threads at once): a send that
+cannot go out at once keeps reading whatever the peer sends meanwhile, so two
+parties that send large messages to each other at the same moment never
+deadlock, and a send returns once every byte is with the kernel.
+
 Every receive has a deadline: a peer that dies raises :class:`PeerClosedError`
 at once, a peer that stops answering raises :class:`PeerTimeoutError` after
-``timeout_s``; both name the peer. A message of an unexpected kind, or
-longer than the limit for its kind (``Channel.limits``), raises
-:class:`ProtocolError` from its header, before any of its payload is read.
+``timeout_s``; both name the peer. A message of an unexpected kind, or longer
+than the limit for its kind (``Channel.limits``), raises
+:class:`ProtocolError` from its header, before any of its payload is read. An
+``"error"`` message from the peer is raised as :class:`PeerReportedError`
+whichever stream is waiting.
 """
 
 from __future__ import annotations
 
+import collections
+import select
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -29,6 +48,12 @@ MAGIC = b"CGv1"
 # try to read (or allocate) terabytes.
 MAX_PAYLOAD_BYTES = 1 << 34
 MAX_ERROR_BYTES = 1 << 16  # an error message is a line of text
+# Bytes of one stream's messages held while the other stream is read: an
+# honest peer is never more than a pass ahead; a flooding one is cut off here.
+MAX_QUEUED_BYTES = 1 << 30
+MPC_KIND = "mpc"  # CrypTen's stream; every other kind is the protocol's
+_CHUNK = 1 << 20
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class TransportError(RuntimeError):
@@ -63,17 +88,23 @@ class ChannelStats:
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
-    # kind -> bytes received under that kind, so a benchmark can attribute traffic.
+    # kind -> bytes under that kind, so a benchmark can attribute traffic.
     bytes_received_by_kind: dict = field(default_factory=dict)
+    bytes_sent_by_kind: dict = field(default_factory=dict)
 
     def reset(self):
         self.bytes_sent = self.bytes_received = 0
         self.messages_sent = self.messages_received = 0
         self.bytes_received_by_kind = {}
+        self.bytes_sent_by_kind = {}
+
+
+def _stream_of(kind: str) -> str:
+    return MPC_KIND if kind == MPC_KIND else "protocol"
 
 
 class Channel:
-    """One side of a framed TCP connection to the named peer."""
+    """One side of the framed connection to the named peer (plain or TLS socket)."""
 
     def __init__(self, sock: socket.socket, peer_name: str, timeout_s: float = 60.0, recorder=None):
         self.sock = sock
@@ -85,80 +116,134 @@ class Channel:
         self.recorder = recorder
         # kind -> the longest payload accepted for it (others: MAX_PAYLOAD_BYTES).
         self.limits: dict[str, int] = {"error": MAX_ERROR_BYTES}
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self._inbuf = bytearray()
+        self._header: tuple[str, int, int] | None = None  # (kind, header bytes, payload length) being read
+        self._queues = {"protocol": collections.deque(), MPC_KIND: collections.deque()}
+        self._queued_bytes = 0
+        self._closed_by_peer = False
 
     # ---------------------------------------------------------------- sending
-    def send(self, kind: str, payload: bytes = b"") -> None:
+    def send(self, kind: str, payload=b"") -> None:
+        """Send one message; returns when all of it is with the kernel."""
         kind_bytes = kind.encode("utf-8")
         header = MAGIC + struct.pack("<H", len(kind_bytes)) + kind_bytes + struct.pack("<Q", len(payload))
-        try:
-            self.sock.settimeout(self.timeout_s)
-            self.sock.sendall(header)
-            if payload:
-                self.sock.sendall(payload)
-        except socket.timeout as exc:
-            raise PeerTimeoutError(f"sending {kind!r} to {self.peer_name} timed out after {self.timeout_s:.0f} s") from exc
-        except OSError as exc:
-            raise PeerClosedError(f"connection to {self.peer_name} lost while sending {kind!r}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout_s
+        for part in (header, payload):
+            view = memoryview(part).cast("B")
+            while view:
+                chunk = view[:_CHUNK]  # retried unchanged after a would-block (TLS requires it)
+                try:
+                    sent = self.sock.send(chunk)
+                except _WOULD_BLOCK:
+                    self._wait(deadline, f"sending {kind!r}", want_write=True)
+                    continue
+                except OSError as exc:
+                    raise PeerClosedError(f"connection to {self.peer_name} lost while sending {kind!r}: {exc}") from exc
+                view = view[sent:]
         self.stats.bytes_sent += len(header) + len(payload)
         self.stats.messages_sent += 1
+        self.stats.bytes_sent_by_kind[kind] = self.stats.bytes_sent_by_kind.get(kind, 0) + len(payload)
 
     # -------------------------------------------------------------- receiving
     def recv(self, expect_kind: str | None = None, timeout_s: float | None = None) -> tuple[str, bytes]:
-        """Receive one message; if ``expect_kind`` is given, anything else is a ProtocolError.
-
-        A message of kind "error" from the peer is raised as a TransportError
-        carrying the peer's message (so a server-side failure reaches the user).
-        """
+        """Receive the next message of the protocol stream (or, for
+        ``expect_kind="mpc"``, of CrypTen's); anything but ``expect_kind`` is a
+        ProtocolError, and an "error" from the peer is raised as PeerReportedError."""
+        stream = _stream_of(expect_kind or "")
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         what = f"{expect_kind!r}" if expect_kind else "a message"
-        magic = self._recv_exact(4, deadline, what)
-        if magic != MAGIC:
-            raise ProtocolError(f"{self.peer_name} sent bytes that are not a cryptogen_hf message (bad magic {magic!r})")
-        (kind_len,) = struct.unpack("<H", self._recv_exact(2, deadline, what))
-        kind = self._recv_exact(kind_len, deadline, what).decode("utf-8", errors="replace")
-        (length,) = struct.unpack("<Q", self._recv_exact(8, deadline, what))
-        # Judged from the header alone: nothing is read or allocated for a message refused here.
-        if expect_kind is not None and kind not in (expect_kind, "error"):
+        queue = self._queues[stream]
+        while not queue:
+            self._wait(deadline, f"waiting for {what}", want_write=False)
+        kind, payload = queue.popleft()
+        self._queued_bytes -= len(payload)
+        if expect_kind is not None and kind != expect_kind:
             raise ProtocolError(f"expected {expect_kind!r} from {self.peer_name}, got {kind!r}")
-        limit = self.limits.get(kind, MAX_PAYLOAD_BYTES)
-        if length > limit:
-            raise ProtocolError(f"{self.peer_name} announced a {length}-byte {kind!r} message (limit {limit}); refusing")
-        payload = self._recv_exact(length, deadline, what) if length else b""
-        self.stats.bytes_received += 14 + kind_len + length
-        self.stats.messages_received += 1
-        self.stats.bytes_received_by_kind[kind] = self.stats.bytes_received_by_kind.get(kind, 0) + length
-        if self.recorder is not None:
-            self.recorder(kind, payload)
-        if kind == "error" and expect_kind != "error":
-            raise PeerReportedError(self.peer_name, payload.decode("utf-8", errors="replace"))
         return kind, payload
 
     def recv_payload(self, expect_kind: str, timeout_s: float | None = None) -> bytes:
         return self.recv(expect_kind, timeout_s)[1]
 
-    def _recv_exact(self, n: int, deadline: float, what: str) -> bytes:
-        chunks = []
-        remaining = n
-        while remaining:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PeerTimeoutError(
-                    f"{self.peer_name} did not send {what} within {self.timeout_s:.0f} s "
-                    f"(peer stopped answering or is overloaded)"
-                )
-            self.sock.settimeout(left)
+    # ------------------------------------------------------------ the engine
+    def _wait(self, deadline: float, doing: str, want_write: bool) -> None:
+        """Block until the socket can move bytes (or the deadline passes), then
+        read whatever has arrived into the stream queues."""
+        if self._closed_by_peer:
+            raise PeerClosedError(f"{self.peer_name} closed the connection while we were {doing} (its process may have died)")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerTimeoutError(
+                f"{self.peer_name}: no progress {doing} within {self.timeout_s:.0f} s "
+                f"(peer stopped answering or is overloaded)"
+            )
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | (select.POLLOUT if want_write else 0))
+            events = poller.poll(left * 1000)
+        except (OSError, ValueError) as exc:
+            raise PeerClosedError(f"connection to {self.peer_name} lost while {doing}: {exc}") from exc
+        if any(mask & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, mask in events):
+            self._read_available(doing)
+
+    def _read_available(self, doing: str) -> None:
+        """Read until the socket would block; parse and queue complete messages."""
+        while True:
             try:
-                chunk = self.sock.recv(min(remaining, 1 << 22))
-            except socket.timeout:
-                continue  # loop re-checks the deadline and raises with the message above
+                data = self.sock.recv(_CHUNK)
+            except _WOULD_BLOCK:
+                return
             except OSError as exc:
-                raise PeerClosedError(f"connection to {self.peer_name} lost while waiting for {what}: {exc}") from exc
-            if not chunk:
-                raise PeerClosedError(f"{self.peer_name} closed the connection while we waited for {what} (its process may have died)")
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+                raise PeerClosedError(f"connection to {self.peer_name} lost while {doing}: {exc}") from exc
+            if not data:
+                self._closed_by_peer = True
+                if self._header is not None or self._inbuf:
+                    raise PeerClosedError(f"{self.peer_name} closed the connection in the middle of a message while we were {doing}")
+                return
+            self._inbuf += data
+            self._parse()
+
+    def _parse(self) -> None:
+        buf = self._inbuf
+        while True:
+            if self._header is None:
+                if len(buf) < 6:
+                    return
+                if buf[:4] != MAGIC:
+                    raise ProtocolError(f"{self.peer_name} sent bytes that are not a cryptogen_hf message (bad magic {bytes(buf[:4])!r})")
+                (kind_len,) = struct.unpack_from("<H", buf, 4)
+                if len(buf) < 14 + kind_len:
+                    return
+                kind = bytes(buf[6 : 6 + kind_len]).decode("utf-8", errors="replace")
+                (length,) = struct.unpack_from("<Q", buf, 6 + kind_len)
+                # Judged from the header alone: nothing is read or allocated for a message refused here.
+                limit = self.limits.get(kind, MAX_PAYLOAD_BYTES)
+                if length > limit:
+                    raise ProtocolError(f"{self.peer_name} announced a {length}-byte {kind!r} message (limit {limit}); refusing")
+                if self._queued_bytes + length > MAX_QUEUED_BYTES:
+                    raise ProtocolError(f"{self.peer_name} sent more than {MAX_QUEUED_BYTES} bytes ahead of the protocol; refusing")
+                self._header = (kind, 14 + kind_len, length)
+            kind, header_len, length = self._header
+            if len(buf) < header_len + length:
+                return
+            payload = bytes(buf[header_len : header_len + length])
+            del buf[: header_len + length]
+            self._header = None
+            self._deliver(kind, payload, header_len)
+
+    def _deliver(self, kind: str, payload: bytes, header_len: int) -> None:
+        self.stats.bytes_received += header_len + len(payload)
+        self.stats.messages_received += 1
+        self.stats.bytes_received_by_kind[kind] = self.stats.bytes_received_by_kind.get(kind, 0) + len(payload)
+        if self.recorder is not None:
+            self.recorder(kind, payload)
+        if kind == "error":
+            raise PeerReportedError(self.peer_name, payload.decode("utf-8", errors="replace"))
+        self._queues[_stream_of(kind)].append((kind, payload))
+        self._queued_bytes += len(payload)
 
     def close(self):
         try:
@@ -167,17 +252,36 @@ class Channel:
             pass
 
 
-def connect(host: str, port: int, peer_name: str, timeout_s: float = 60.0, retry_s: float = 0.0) -> Channel:
-    """Connect to a listening peer, retrying for ``retry_s`` seconds while it starts up."""
+def connect(host: str, port: int, peer_name: str, timeout_s: float = 60.0, retry_s: float = 0.0,
+            tls: ssl.SSLContext | None = None, server_hostname: str | None = None) -> Channel:
+    """Connect to a listening peer, retrying for ``retry_s`` seconds while it starts up;
+    with ``tls``, run the TLS handshake (and the certificate check) before returning."""
     deadline = time.monotonic() + retry_s
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
-            return Channel(sock, peer_name, timeout_s)
-        except (ConnectionRefusedError, socket.timeout, OSError) as exc:
+            break
+        except OSError as exc:
             if time.monotonic() >= deadline:
                 raise PeerClosedError(f"cannot reach {peer_name} at {host}:{port}: {exc}") from exc
             time.sleep(0.05)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)  # handshake, blocking, timed
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise CertificateError(
+                f"{peer_name} at {host}:{port} presented a certificate that does not verify "
+                f"against the one this client trusts ({exc.verify_message}); refusing to talk to it"
+            ) from exc
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise PeerClosedError(f"TLS handshake with {peer_name} at {host}:{port} failed: {exc}") from exc
+    return Channel(sock, peer_name, timeout_s)
+
+
+class CertificateError(TransportError):
+    """The server's TLS certificate is not the one the client trusts."""
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -189,17 +293,23 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return server
 
 
-def accept(server: socket.socket, peer_name: str, timeout_s: float = 60.0) -> Channel:
+def accept(server: socket.socket, peer_name: str, timeout_s: float = 60.0, tls: ssl.SSLContext | None = None) -> Channel:
+    """Accept one connection (and with ``tls`` run the server's side of the handshake)."""
     server.settimeout(timeout_s)
     try:
         sock, _ = server.accept()
     except socket.timeout as exc:
         raise PeerTimeoutError(f"{peer_name} did not connect within {timeout_s:.0f} s") from exc
+    if tls is not None:
+        sock = server_handshake(sock, tls, timeout_s, peer_name)
     return Channel(sock, peer_name, timeout_s)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on loopback (for CrypTen's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def server_handshake(sock: socket.socket, tls: ssl.SSLContext, timeout_s: float, peer_name: str) -> ssl.SSLSocket:
+    """The server's side of the TLS handshake on an accepted socket, within ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    try:
+        return tls.wrap_socket(sock, server_side=True)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise PeerClosedError(f"TLS handshake with {peer_name} failed: {exc}") from exc

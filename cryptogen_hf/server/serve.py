@@ -1,15 +1,20 @@
 """The model-hosting server: ``cryptogen serve --model PATH``.
 
 The server loads an ordinary HF checkpoint once, rearranges and quantises the
-weights and encodes them as NTT plaintexts once, then listens. Each client
-connection gets its own worker process (forked, so it shares the encoded
-weights copy-on-write instead of re-encoding them): sessions are isolated, a
-crash ends one session and not the server, and a worker's memory (keys,
-encrypted cache) is returned to the OS when its session ends.
+weights and encodes them as NTT plaintexts once, then listens on one port.
+For each connection the accepting process runs the TLS handshake and checks
+the client's token (``auth`` -> ``auth.ok``), then the session limits; only
+then does the client get its own worker process (forked, so it shares the
+encoded weights copy-on-write instead of re-encoding them). Sessions are
+isolated, a crash ends one session and not the server, and a worker's memory
+(keys, encrypted cache) is returned to the OS when its session ends. The
+worker carries on over the same TLS connection: requests, ciphertexts and
+CrypTen's traffic (nothing else listens).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -24,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import CryptoGenConfig, load_config
 from ..he import HEParams
 from ..he.keys import PlaintextEncoder
-from ..protocol import transport
+from ..protocol import credentials, transport
 from ..protocol.gpt2 import EncodedGPT2, GPT2Plans, ModelShape
 from ..protocol.session import fixed_point_from, he_params_from, run_server_session
 from .calibration import layer_norm_pre_scales
@@ -88,13 +93,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: workers end when their client's connection drops
 
 
-def _session_worker(listener: socket.socket, conn: socket.socket, hosted: HostedModel, config: CryptoGenConfig, host: str):
+def _session_worker(listener: socket.socket, channel: transport.Channel, hosted: HostedModel, config: CryptoGenConfig):
     listener.close()  # the worker serves one client; only the parent accepts
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    channel = transport.Channel(conn, "client", timeout_s=config.timeouts.peer_s)
+    channel.timeout_s = config.timeouts.peer_s
     try:
-        run_server_session(channel, hosted, config, host=host)
+        run_server_session(channel, hosted, config)
     except Exception as exc:  # noqa: BLE001 (one session's failure must not reach the server)
         log.warning("session ended with an error: %s: %s", type(exc).__name__, exc)
         try:
@@ -107,23 +112,43 @@ def _session_worker(listener: socket.socket, conn: socket.socket, hosted: Hosted
     os._exit(0)
 
 
-def _refuse(conn: socket.socket, message: str) -> None:
+def _refuse(channel: transport.Channel, message: str) -> None:
     """Answer a connection the server will not serve with an error, from the
     parent process (no worker is started), and close it."""
-    channel = transport.Channel(conn, "client", timeout_s=2.0)
     try:
         channel.send("error", message.encode())
-        # Half-close and read what the client already sent (its hello), so the
-        # close does not reset the connection before the error is read.
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(2.0)
-        while conn.recv(1 << 16):
-            pass
-    except (transport.TransportError, OSError):
+    except transport.TransportError:
         pass
     finally:
         channel.close()
     log.warning("refused a client: %s", message)
+
+
+AUTH_MESSAGE_LIMIT = 1 << 10  # {"token": ...}
+
+
+def _authenticate(conn: socket.socket, tls, tokens: dict[str, str], timeout_s: float) -> tuple[transport.Channel | None, str | None]:
+    """TLS handshake and token check in the accepting process, within ``timeout_s``.
+
+    Returns (channel, client name); (None, None) if the TLS handshake failed;
+    (channel, None) if the token is wrong, after the error is sent."""
+    try:
+        sock = transport.server_handshake(conn, tls, timeout_s, "client")
+    except transport.TransportError as exc:
+        log.warning("refused a connection: %s", exc)
+        return None, None
+    channel = transport.Channel(sock, "client", timeout_s=timeout_s)
+    channel.limits["auth"] = AUTH_MESSAGE_LIMIT
+    try:
+        presented = json.loads(channel.recv_payload("auth")).get("token", "")
+        name = credentials.client_named_by(tokens, presented if isinstance(presented, str) else "")
+    except (transport.TransportError, ValueError, AttributeError) as exc:
+        _refuse(channel, f"authentication failed: {exc}")
+        return None, None
+    if name is None:
+        _refuse(channel, "authentication failed: this server does not know that token")
+        return None, None
+    return channel, name
 
 
 def serve(
@@ -140,6 +165,11 @@ def serve(
     ready: optional callable, called with the bound port once the server listens.
     """
     config = load_config(config)
+    # Credentials first: a server that cannot authenticate anyone must not spend minutes loading.
+    tls = credentials.server_tls_context(config.server.cert_file, config.server.key_file)
+    tokens = credentials.load_tokens(config.server.tokens_file) if config.server.tokens_file else None
+    if tokens is None:
+        raise credentials.CredentialsError("no tokens file: give --tokens FILE (make one with `cryptogen credentials`)")
     torch.set_num_threads(1)  # workers are forked: no OpenMP pool may be running
     hosted = load_hosted_model(model_path, config, progress=progress)
     listener = transport.listen(host, port)
@@ -153,7 +183,7 @@ def serve(
     if ready is not None:
         ready(bound)
     fork = multiprocessing.get_context("fork")
-    workers: list[tuple[multiprocessing.Process, str]] = []  # (worker, the client's address)
+    workers: list[tuple[multiprocessing.Process, str]] = []  # (worker, the client's name)
     served = 0
     listener.settimeout(1.0)
     try:
@@ -170,20 +200,28 @@ def serve(
                     break
                 continue
             try:
-                conn, (client, _) = listener.accept()
+                conn, _ = listener.accept()
             except socket.timeout:
+                continue
+            channel, client = _authenticate(conn, tls, tokens, config.timeouts.auth_s)
+            if client is None:
                 continue
             limits = config.server
             theirs = sum(1 for _, c in workers if c == client)
             if len(workers) >= limits.max_concurrent_sessions:
-                _refuse(conn, f"server busy: {len(workers)} sessions running (limit {limits.max_concurrent_sessions}); try again later")
+                _refuse(channel, f"server busy: {len(workers)} sessions running (limit {limits.max_concurrent_sessions}); try again later")
                 continue
             if theirs >= limits.max_sessions_per_client:
-                _refuse(conn, f"too many sessions from {client}: {theirs} running (limit {limits.max_sessions_per_client})")
+                _refuse(channel, f"too many sessions for client {client!r}: {theirs} running (limit {limits.max_sessions_per_client})")
                 continue
-            worker = fork.Process(target=_session_worker, args=(listener, conn, hosted, config, host), daemon=True)
+            try:
+                channel.send("auth.ok", b"")
+            except transport.TransportError:
+                channel.close()
+                continue
+            worker = fork.Process(target=_session_worker, args=(listener, channel, hosted, config), daemon=True)
             worker.start()
-            conn.close()  # the worker owns the connection now
+            channel.close()  # the worker owns the connection (and its TLS state) now
             workers.append((worker, client))
             served += 1
     finally:
@@ -192,12 +230,3 @@ def serve(
             w.join(timeout=5)
             if w.is_alive():
                 w.kill()
-
-
-def serve_in_child(model_path, config, ready_queue, host="127.0.0.1", port=0):
-    """Entry point for a server started as a child process (local mode, tests)."""
-    try:
-        serve(model_path, host=host, port=port, config=config, ready=ready_queue.put, progress=False)
-    except Exception as exc:  # noqa: BLE001 (reported to the parent, which raises it)
-        ready_queue.put(f"{type(exc).__name__}: {exc}")
-        raise
