@@ -25,6 +25,8 @@ import json
 import os
 import platform
 import resource
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli_common import CLIError, add_settings_arguments, local_model_dir, positive_int, settings_from_args
+from .protocol import credentials, transport
 
 
 class TokenTimer:
@@ -116,6 +119,7 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
     comm.reset_communication_stats()
     channel = session.channel.stats
     sent0, recv0 = channel.bytes_sent, channel.bytes_received
+    mpc0 = _mpc_channel_bytes(channel)
     server0 = session.stats()
     client0 = dict(session.runner.timings)
     correlations0 = session.correlation_stats()
@@ -143,7 +147,11 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
         "client_breakdown_s_per_token": {k: round(v / decode_tokens, 4) for k, v in _delta(dict(session.runner.timings), client0).items()},
         "mpc_rounds_per_token": mpc["rounds"] / decode_tokens,
         "mpc_bytes_per_token": mpc["bytes"] / decode_tokens,
-        "he_channel_bytes_per_token": (channel.bytes_sent - sent0 + channel.bytes_received - recv0) / decode_tokens,
+        # Everything crosses the one TLS connection: CrypTen's messages and the
+        # correlation traffic (kind "mpc") and the protocol's ciphertexts.
+        "channel_bytes_per_token": (channel.bytes_sent - sent0 + channel.bytes_received - recv0) / decode_tokens,
+        "he_channel_bytes_per_token": (channel.bytes_sent - sent0 + channel.bytes_received - recv0 - (_mpc_channel_bytes(channel) - mpc0)) / decode_tokens,
+        "circuit_privacy_s_per_token": round((server1.get("circuit_privacy_s", 0.0) - server0.get("circuit_privacy_s", 0.0)) / decode_tokens, 4),
         "cache_bytes": server1["cache_bytes"],
         "cache_tokens": server1["tokens"],
         "server_peak_rss_mb": server1.get("peak_rss_mb"),
@@ -160,6 +168,47 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
         row["recompute_s_per_token"] = round(time.perf_counter() - start, 3)
         row["speedup_cache_vs_recompute"] = round(row["recompute_s_per_token"] / decode_s, 2)
     return row
+
+
+def _mpc_channel_bytes(stats) -> int:
+    return stats.bytes_sent_by_kind.get(transport.MPC_KIND, 0) + stats.bytes_received_by_kind.get(transport.MPC_KIND, 0)
+
+
+def tls_cost(n_mib: int = 64) -> dict:
+    """What TLS costs the session's channel on this machine: ``n_mib`` MiB of
+    1 MiB messages over a loopback connection, plain and TLS 1.3, sender and
+    receiver in two threads (the SSL calls release the GIL)."""
+    cert, key = credentials.self_signed_certificate(["127.0.0.1"])
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "c.pem").write_bytes(cert)
+        Path(tmp, "k.pem").write_bytes(key)
+        server_tls = credentials.server_tls_context(Path(tmp, "c.pem"), Path(tmp, "k.pem"))
+        client_tls = credentials.client_tls_context(cert)
+        message = os.urandom(1 << 20)
+        for name, (accept_tls, connect_tls) in {"plain": (None, None), "tls": (server_tls, client_tls)}.items():
+            listener = transport.listen()
+            accepted = {}
+            acceptor = threading.Thread(target=lambda: accepted.setdefault("a", transport.accept(listener, "sender", 30, tls=accept_tls)))
+            acceptor.start()
+            sender = transport.connect("127.0.0.1", listener.getsockname()[1], "receiver", 30, tls=connect_tls)
+            acceptor.join()
+            receiver = accepted["a"]
+            start = time.perf_counter()
+            pushing = threading.Thread(target=lambda: [sender.send(transport.MPC_KIND, message) for _ in range(n_mib)])
+            pushing.start()
+            for _ in range(n_mib):
+                receiver.recv(transport.MPC_KIND)
+            pushing.join()
+            seconds[name] = time.perf_counter() - start
+            for c in (sender, receiver):
+                c.close()
+            listener.close()
+    return {
+        "plain_mib_per_s": round(n_mib / seconds["plain"], 1),
+        "tls_mib_per_s": round(n_mib / seconds["tls"], 1),
+        "tls_extra_s_per_mib": max(0.0, (seconds["tls"] - seconds["plain"]) / n_mib),
+    }
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -244,14 +293,19 @@ def run(args) -> int:
             recompute = not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
             rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill))
             tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "decode_s_per_token", "recompute_s_per_token") if k in rows[-1]}))
+        cipher = model.session.channel.sock.cipher()
     finally:
         model.close()
+    tls = tls_cost()
+    for r in rows:  # an estimate: the measured per-byte cost of TLS times the bytes each token moved
+        r["tls_s_per_token_estimate"] = round(tls["tls_extra_s_per_mib"] * r["channel_bytes_per_token"] / 2**20, 3)
     result = {
         "model": str(model_dir),
         "shape": model.config.to_dict() if hasattr(model.config, "to_dict") else {},
         "dealer": settings.mpc.dealer,
         "trust_model": TRUST_MODELS[settings.mpc.dealer],
         "session_setup_s": round(setup_s, 2),
+        "transport": {"protocol": cipher[1], "cipher": cipher[0], **tls},
         "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
         "rows": rows,
@@ -262,6 +316,7 @@ def run(args) -> int:
     plot(rows, out.with_suffix(".png"), f"{model_dir.name}, dealer={settings.mpc.dealer}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     print(f"trust model: {result['trust_model']}")
+    print(f"transport: {cipher[1]} {cipher[0]}, {tls['tls_mib_per_s']} MiB/s (plain socket {tls['plain_mib_per_s']} MiB/s)")
     print("| context | cache s/token | of which correlations | recompute s/token | speedup | cache MiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -18,7 +18,7 @@ Nothing here changes what is sent or computed: it only copies.
 Run as a program::
 
     CRYPTOGEN_TEST_KNOWLEDGE=/tmp/k python tests/knowledge_recorder.py serve --model PATH ...
-    CRYPTOGEN_TEST_KNOWLEDGE=/tmp/k python tests/knowledge_recorder.py client PATH HOST:PORT CONFIG IDS N
+    CRYPTOGEN_TEST_KNOWLEDGE=/tmp/k python tests/knowledge_recorder.py client PATH HOST:PORT CONFIG IDS N CERT TOKEN_FILE
 """
 
 from __future__ import annotations
@@ -123,12 +123,10 @@ def install(folder) -> None:
     _folder.mkdir(parents=True, exist_ok=True)
     transcript_recorder.install(folder)
     _install_draws_and_tuples()
-    from cryptogen_hf.mpc import runtime
+    from cryptogen_hf.mpc.channel_comm import ChannelCommunicator as communicator
 
-    communicator = runtime._timed_communicator_class()
     for name in ("all_reduce", "reduce"):  # a plain function: it binds as a method
         setattr(communicator, name, _recording_opening(getattr(communicator, name), name))
-    runtime._timed_communicator_class = lambda: communicator
 
 
 def _install_draws_and_tuples() -> None:
@@ -165,11 +163,13 @@ def load(folder, pid) -> dict:
                 out["opened"].append(record[2])
 
 
-def _client(model_path, server, config_path, ids, new_tokens) -> None:
+def _client(model_path, server, config_path, ids, new_tokens, server_cert, token_file) -> None:
     from cryptogen_hf.config import load_config
     from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
+    from cryptogen_hf.protocol.credentials import read_token
 
-    model = CryptoGenForCausalLM.from_pretrained(model_path, server=server, settings=load_config(config_path))
+    model = CryptoGenForCausalLM.from_pretrained(model_path, server=server, server_cert=server_cert,
+                                                 server_token=read_token(None, token_file), settings=load_config(config_path))
     try:
         out = model.generate(torch.tensor([json.loads(ids)]), max_new_tokens=int(new_tokens), do_sample=False)
     finally:

@@ -52,12 +52,12 @@ LEAK_CORRELATION = 0.99
 def _run(checkpoint, settings, folder: Path) -> dict:
     """A recorded server and a recorded client process; their knowledge and the truth."""
     folder.mkdir(parents=True, exist_ok=True)
-    proc, port = start_server(checkpoint, settings, folder / "server.yaml", knowledge_dir=folder)
+    proc, live = start_server(checkpoint, settings, folder / "server.yaml", knowledge_dir=folder)
     try:
         env = {**os.environ, knowledge_recorder.ENV: str(folder)}
         done = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("knowledge_recorder.py")), "client", str(checkpoint),
-             f"127.0.0.1:{port}", str(folder / "server.yaml"), json.dumps(PROMPT), str(NEW_TOKENS)],
+             live.address, str(folder / "server.yaml"), json.dumps(PROMPT), str(NEW_TOKENS), str(live.cert), str(live.token_file())],
             env=env, capture_output=True, text=True, timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]

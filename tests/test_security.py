@@ -1,14 +1,14 @@
 """Security and reliability against a real `cryptogen serve` (issue 7).
 
 - Transcript audit: every byte the server's session worker receives (its
-  framed channel and all of CrypTen's gloo traffic, recorded by
+  one connection: protocol messages and all of CrypTen's traffic, recorded by
   tests/transcript_recorder.py) is searched for the prompt's token ids, the
   true activations of the first block and the logits, in the fixed-point
   encodings the protocol uses; the secret key never reaches the server; what
   the client decrypts is uniform and uncorrelated with the values behind it.
   Each check is also run on data with a planted leak, to show it can fail.
-- Values opened to the client alone never reach the server (gloo's reduce
-  did leak them; see runtime._TimedCommunicator.reduce).
+- Values opened to the client alone never reach the server (the two-party
+  communicator's reduce: mpc/channel_comm.py; gloo's reduce did leak them).
 - Faults: a client killed mid-generation, corrupted or truncated ciphertexts:
   the session's worker exits, the server keeps serving exact tokens.
 - Noise: a server that assumes less noise budget refreshes cache blocks and
@@ -40,9 +40,8 @@ from cryptogen_hf.crypten_compat import import_crypten
 from cryptogen_hf.he import ServerHE
 from cryptogen_hf.he.keys import _unpack_blobs as unpack_key_bundle
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
-from cryptogen_hf.mpc.runtime import CLIENT, MPCConfig, launch_local, rank_of
+from cryptogen_hf.mpc.runtime import CLIENT, MPCConfig, launch_local, party_channel, rank_of
 from cryptogen_hf.protocol import gpt2
-from cryptogen_hf.protocol.session import ClientSession
 from cryptogen_hf.protocol.transport import PeerReportedError
 from cryptogen_hf.protocol.wire import pack_blobs, unpack_blobs
 from cryptogen_hf.server.weights import normalize, prepare_gpt2
@@ -62,9 +61,9 @@ def _plain_greedy(checkpoint, prompt, n):
         return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0].tolist()
 
 
-def _secure_greedy(checkpoint, port, prompt, n):
+def _secure_greedy(checkpoint, live, prompt, n):
     """(tokens, session id, server stats) of a greedy generation by a client in this process."""
-    model = CryptoGenForCausalLM.from_pretrained(checkpoint, server=f"127.0.0.1:{port}", settings=SETTINGS)
+    model = CryptoGenForCausalLM.from_pretrained(checkpoint, **live.client_kwargs(), settings=SETTINGS)
     try:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
         return out[0].tolist(), model.session.session_id, model.session.stats()
@@ -192,15 +191,15 @@ def _rows(values: dict, names, piece: int = 32) -> list:
 @pytest.fixture(scope="module")
 def recording_server(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("transcripts")
-    proc, port = start_server(tiny_checkpoint, SETTINGS, folder / "server.yaml", transcript_dir=folder)
-    yield proc, port, folder
+    proc, live = start_server(tiny_checkpoint, SETTINGS, folder / "server.yaml", transcript_dir=folder)
+    yield proc, live, folder
     stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def audited(recording_server, tiny_checkpoint):
     """One secure generation; what the server received, what the client decrypted, the truth."""
-    proc, port, folder = recording_server
+    proc, live, folder = recording_server
     before = set(folder.glob("transcript-*.pkl"))
     client_view = []  # (frac_bits, values) of every HE -> shares conversion, as the client decrypted them
     original = gpt2.he_to_shares
@@ -217,14 +216,15 @@ def audited(recording_server, tiny_checkpoint):
         return original(party, ciphertexts, layout, frac_bits, n, server_addend)
 
     gpt2.he_to_shares = recording_he_to_shares
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}", settings=SETTINGS)
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs(), settings=SETTINGS)
     try:
         tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
         he, session_id, stats = model.session.he, model.session.session_id, model.session.stats()
     finally:
         gpt2.he_to_shares = original
         model.close()
-    (transcript,) = set(folder.glob("transcript-*.pkl")) - before  # the session worker's
+    # The session worker's (the accepting process records only the token check, in its own file).
+    (transcript,) = set(folder.glob("transcript-*.pkl")) - before - {folder / f"transcript-{proc.pid}.pkl"}
     records = transcript_recorder.load(transcript)
     processed = tokens[:-1]  # the last token is generated, never fed back
     return {
@@ -332,13 +332,12 @@ def test_client_sees_only_uniformly_masked_values(audited):
 # values opened to the client never reach the server
 # ---------------------------------------------------------------------------
 def _reveal_to_client(role, folder):
-    """Open values to the client with CrypTen's reveal(dst), then once with gloo's raw reduce."""
+    """Open values to the client with CrypTen's reveal(dst), then once, as a control, to both parties."""
     import_crypten()
     import crypten.communicator as comm
-    from crypten.communicator import DistributedCommunicator
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 
-    transcript_recorder.install(Path(folder) / role)
+    transcript_recorder.install(Path(folder) / role, channels=[party_channel()])
     secrets = torch.randint(-(2**62), 2**62, (3, 1000), generator=torch.Generator().manual_seed(3))
     client = rank_of(CLIENT)
 
@@ -351,8 +350,8 @@ def _reveal_to_client(role, folder):
         shared(secrets[1][:1]).reveal(dst=client),  # token-like: one value
         shared(secrets[1][1:100], binary=True).reveal(dst=client),  # binary shares (XOR)
     ]
-    # CrypTen's own DistributedCommunicator.reduce (gloo's reduce): the leak the fix removes.
-    opened.append(DistributedCommunicator.reduce(comm.get(), shared(secrets[2]).share.clone(), client))
+    # Control, a broken variant: opening with all_reduce hands the server the client's share too.
+    opened.append(comm.get().all_reduce(shared(secrets[2]).share.clone()))
     return [None if t is None else t.clone() for t in opened], secrets
 
 
@@ -362,23 +361,23 @@ def test_values_opened_to_the_client_never_reach_the_server(tmp_path):
     opened, secrets = results["client"]
     assert torch.equal(opened[0], secrets[0]) and torch.equal(opened[1], secrets[1][:1])
     assert torch.equal(opened[2], secrets[1][1:100]) and torch.equal(opened[3], secrets[2])
-    assert all(t is None for t in results["server"][0])
+    assert all(t is None for t in results["server"][0][:3])
     received = np.concatenate([a.reshape(-1) for f in (tmp_path / "server").glob("*.pkl")
                                for source, _, a in transcript_recorder.load(f) if source == "mpc" and a.dtype == np.int64])
     assert np.isin(secrets[0].numpy(), received).sum() == 0
     assert np.isin(secrets[1].numpy(), received).sum() == 0
-    # gloo's reduce hands the non-root half of the opened vector: the recording sees it.
-    assert np.isin(secrets[2].numpy(), received).sum() >= 400
+    # The control: opened to both, the server holds every value.
+    assert torch.equal(results["server"][0][3], secrets[2])
 
 
 # ---------------------------------------------------------------------------
 # faults
 # ---------------------------------------------------------------------------
-def _client_process(checkpoint, port, prompt, n_new, queue):
+def _client_process(checkpoint, live, prompt, n_new, queue):
     """A client in its own process: reports ("open", pid, session id), then ("done", pid, tokens)."""
     try:
         torch.set_num_threads(1)
-        model = CryptoGenForCausalLM.from_pretrained(checkpoint, server=f"127.0.0.1:{port}", settings=SETTINGS)
+        model = CryptoGenForCausalLM.from_pretrained(checkpoint, **live.client_kwargs(), settings=SETTINGS)
         queue.put(("open", os.getpid(), model.session.session_id))
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False)
         queue.put(("done", os.getpid(), out[0].tolist()))
@@ -387,9 +386,9 @@ def _client_process(checkpoint, port, prompt, n_new, queue):
         queue.put(("error", os.getpid(), traceback.format_exc()))
 
 
-def _start_clients(checkpoint, port, jobs):
+def _start_clients(checkpoint, live, jobs):
     queue = CTX.Queue()
-    procs = [CTX.Process(target=_client_process, args=(str(checkpoint), port, prompt, n, queue), daemon=True)
+    procs = [CTX.Process(target=_client_process, args=(str(checkpoint), live, prompt, n, queue), daemon=True)
              for prompt, n in jobs]
     for proc in procs:
         proc.start()
@@ -404,9 +403,9 @@ def _next_message(queue, timeout_s):
 
 @pytest.mark.timeout(240)
 def test_client_killed_mid_generation_ends_its_worker_and_server_keeps_serving(recording_server, tiny_checkpoint):
-    proc, port, _ = recording_server
+    proc, live, _ = recording_server
     _wait_until(lambda: not _workers(proc), 30, "earlier sessions' workers exited")
-    (client,), queue = _start_clients(tiny_checkpoint, port, [(PROMPT, 40)])
+    (client,), queue = _start_clients(tiny_checkpoint, live, [(PROMPT, 40)])
     try:
         _next_message(queue, 120)
         (worker,) = _workers(proc)
@@ -416,7 +415,7 @@ def test_client_killed_mid_generation_ends_its_worker_and_server_keeps_serving(r
         client.join(timeout=10)
     _wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 30, f"session worker {worker} exited and was reaped")
     assert proc.poll() is None
-    tokens, _, _ = _secure_greedy(tiny_checkpoint, port, PROMPT, NEW_TOKENS)
+    tokens, _, _ = _secure_greedy(tiny_checkpoint, live, PROMPT, NEW_TOKENS)
     assert tokens == _plain_greedy(tiny_checkpoint, PROMPT, NEW_TOKENS)
 
 
@@ -448,9 +447,9 @@ def _bad_embedding_payloads(session):
 
 @pytest.mark.timeout(240)
 def test_corrupted_ciphertexts_get_a_clear_error_and_server_keeps_serving(recording_server, tiny_checkpoint):
-    proc, port, _ = recording_server
+    proc, live, _ = recording_server
     for case in range(4):
-        session = ClientSession("127.0.0.1", port, SETTINGS)
+        session = live.session(SETTINGS)
         try:
             payload, message = _bad_embedding_payloads(session)[case]
             session._request(op="forward", logits_for=[True])
@@ -460,14 +459,14 @@ def test_corrupted_ciphertexts_get_a_clear_error_and_server_keeps_serving(record
         finally:
             session.close()
     # A frame cut short by a client that then vanishes: the worker gives up at once.
-    session = ClientSession("127.0.0.1", port, SETTINGS)
+    session = live.session(SETTINGS)
     session._request(op="forward", logits_for=[True])
     header = b"CGv1" + struct.pack("<H", 12) + b"embed.onehot" + struct.pack("<Q", 1 << 20)  # announces 1 MiB
     session.channel.sock.sendall(header + b"\x00" * 1000)
     session.close()
     _wait_until(lambda: not _workers(proc), 30, "every bad session's worker exited")
     assert proc.poll() is None
-    tokens, _, _ = _secure_greedy(tiny_checkpoint, port, PROMPT, NEW_TOKENS)
+    tokens, _, _ = _secure_greedy(tiny_checkpoint, live, PROMPT, NEW_TOKENS)
     assert tokens == _plain_greedy(tiny_checkpoint, PROMPT, NEW_TOKENS)
 
 
@@ -479,16 +478,16 @@ def test_exhausted_noise_budget_is_refreshed_and_tokens_stay_exact(tiny_checkpoi
     # The server assumes 1000 bits less fresh budget than the client measured:
     # every cache block looks exhausted before every decode pass.
     settings = CryptoGenConfig(he=HESettings(noise_reserve_bits=1000), mpc=SETTINGS.mpc, timeouts=SETTINGS.timeouts)
-    proc, port = start_server(tiny_checkpoint, settings, tmp_path / "server.yaml", transcript_dir=tmp_path)
+    proc, live = start_server(tiny_checkpoint, settings, tmp_path / "server.yaml", transcript_dir=tmp_path)
     try:
-        tokens, _, stats = _secure_greedy(tiny_checkpoint, port, PROMPT, NEW_TOKENS)
+        tokens, _, stats = _secure_greedy(tiny_checkpoint, live, PROMPT, NEW_TOKENS)
     finally:
         stop_server(proc)
     assert tokens == _plain_greedy(tiny_checkpoint, PROMPT, NEW_TOKENS)
     decode_passes = NEW_TOKENS - 1
     n_layer = GPT2Config.from_pretrained(tiny_checkpoint).n_layer
     assert stats["refreshed_blocks"] == decode_passes * n_layer  # one block per layer, each decode pass
-    (transcript,) = tmp_path.glob("transcript-*.pkl")
+    (transcript,) = set(tmp_path.glob("transcript-*.pkl")) - {tmp_path / f"transcript-{proc.pid}.pkl"}  # the worker's
     fresh = [payload for source, kind, payload in transcript_recorder.load(transcript) if kind == "refresh.fresh"]
     assert len(fresh) == decode_passes and all(len(unpack_blobs(f)) == 2 * n_layer for f in fresh)  # K and V
 
@@ -498,12 +497,12 @@ def test_exhausted_noise_budget_is_refreshed_and_tokens_stay_exact(tiny_checkpoi
 # ---------------------------------------------------------------------------
 @pytest.mark.timeout(300)
 def test_four_concurrent_clients_one_killed(recording_server, tiny_checkpoint):
-    proc, port, folder = recording_server
+    proc, live, folder = recording_server
     _wait_until(lambda: not _workers(proc), 30, "earlier sessions' workers exited")
     before = set(folder.glob("transcript-*.pkl"))
     prompts = [[5, 17, 250], [101, 7], [42, 42, 3, 199], [260, 11, 12]]
     jobs = [(prompt, NEW_TOKENS) for prompt in prompts[:3]] + [(prompts[3], 40)]  # the last one is killed
-    procs, queue = _start_clients(tiny_checkpoint, port, jobs)
+    procs, queue = _start_clients(tiny_checkpoint, live, jobs)
     victim = procs[3]
     sessions, results = {}, {}
     try:

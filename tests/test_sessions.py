@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import psutil
 import pytest
 import torch
 from conftest import start_server, stop_server
@@ -16,22 +17,22 @@ from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings,
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
-from cryptogen_hf.protocol import transport
+from cryptogen_hf.protocol import credentials, transport
 from cryptogen_hf.protocol.transport import PeerReportedError, TransportError
 from cryptogen_hf.server.weights import UnsupportedArchitectureError
 
 
 def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(server, tiny_checkpoint):
-    proc, port = server
+    proc, live = server
     with pytest.raises(HandshakeError, match="fixed-point settings mismatch"):
-        ClientSession("127.0.0.1", port, CryptoGenConfig(fixed_point=FixedPointSettings(activation_bits=10)))
+        live.session(CryptoGenConfig(fixed_point=FixedPointSettings(activation_bits=10)))
     with pytest.raises(HandshakeError, match="HE parameters mismatch"):
-        ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(plain_modulus_bits=40)))
+        live.session(CryptoGenConfig(he=HESettings(plain_modulus_bits=40)))
     with pytest.raises(HandshakeError, match="HE parameters mismatch"):
-        ClientSession("127.0.0.1", port, CryptoGenConfig(he=HESettings(coeff_modulus_bits=[43, 43, 44, 44, 44])))
+        live.session(CryptoGenConfig(he=HESettings(coeff_modulus_bits=[43, 43, 44, 44, 44])))
     assert proc.poll() is None  # still serving
     # A matching client (default settings: two parties, no dealer) gets exact greedy tokens.
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs())
     try:
         ids = torch.tensor([[5, 17, 250]])
         secure = model.generate(ids, max_new_tokens=3, do_sample=False)
@@ -42,8 +43,8 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
 
 
 def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlations(server, tiny_checkpoint):
-    _, port = server
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    _, live = server
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs())
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
         assert model.prepare_correlations(2) is False  # no decode token yet to size them from
@@ -75,8 +76,8 @@ def test_bad_requests_are_refused_and_the_session_goes_on(server, tiny_checkpoin
     malformed requests get an error from the server, which keeps serving the
     session; benchmark and diagnostic operations are off unless the server
     was started with --diagnostics; the handshake names no checkpoint."""
-    _, port = server
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}")
+    _, live = server
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs())
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
         session = model.session
@@ -103,37 +104,58 @@ def _children(pid: int) -> list[str]:
         return f.read().split()
 
 
-def _knock(port: int, source: str = "127.0.0.1") -> str:
-    """Connect from `source`, say hello, and return the server's refusal."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    channel = transport.Channel(sock, "server", timeout_s=10)
+def _knock(live, token: str) -> str:
+    """Connect over TLS (checking the server's certificate), present ``token``,
+    and return the server's answer: "auth.ok" or its refusal."""
+    channel = transport.connect("127.0.0.1", live.port, "server", timeout_s=10, tls=credentials.client_tls_context(str(live.cert)))
     try:
-        channel.send("hello", b"{}")
-        with pytest.raises(PeerReportedError) as refused:
-            channel.recv_payload("welcome")
-        return refused.value.peer_message
+        channel.send("auth", json.dumps({"token": token}).encode())
+        try:
+            return channel.recv("auth.ok")[0]
+        except PeerReportedError as refused:
+            return refused.peer_message
     finally:
         channel.close()
 
 
-@pytest.mark.parametrize("limits, refusal", [
-    (ServerSettings(max_concurrent_sessions=1), "server busy: 1 sessions running (limit 1)"),
-    (ServerSettings(max_sessions_per_client=1), "too many sessions from 127.0.0.1: 1 running (limit 1)"),
-])
-def test_server_limits_refuse_a_client_before_starting_a_worker(tiny_checkpoint, tmp_path, limits, refusal):
-    proc, port = start_server(tiny_checkpoint, settings=CryptoGenConfig(server=limits), settings_path=tmp_path / "server.yaml")
+def _listening_ports(pid: int, descendants: bool = True) -> set:
+    """TCP ports the process (and its descendants) listen on."""
+    procs = [psutil.Process(pid)] + (psutil.Process(pid).children(recursive=True) if descendants else [])
+    return {c.laddr.port for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
+def test_only_clients_with_a_valid_token_get_a_worker_and_one_port_carries_everything(tiny_checkpoint):
+    limits = ServerSettings(max_sessions_per_client=1)
+    proc, live = start_server(tiny_checkpoint, settings=CryptoGenConfig(server=limits))
     try:
-        first = ClientSession("127.0.0.1", port)
+        # Refused in the accepting process: no worker exists for any of these.
+        assert _knock(live, "x" * 43) == "authentication failed: this server does not know that token"
+        assert _knock(live, live.tokens["alice"][:-1]) == "authentication failed: this server does not know that token"
+        with pytest.raises(HandshakeError, match="does not know that token"):
+            ClientSession("127.0.0.1", live.port, server_cert=str(live.cert), token="y" * 43)
+        with pytest.raises(credentials.CredentialsError, match="token is needed"):
+            ClientSession("127.0.0.1", live.port, server_cert=str(live.cert))
+        plain = socket.create_connection(("127.0.0.1", live.port))  # no TLS: the handshake fails, nothing is read
+        plain.sendall(b"CGv1" + b"\x05\x00hello" + b"\x00" * 8)
+        plain.settimeout(15)
+        try:
+            answer = plain.recv(100)
+        except ConnectionResetError:
+            answer = b""
+        plain.close()
+        assert answer == b"" or answer[:1] == b"\x15"  # closed or reset, at most after a TLS alert record; never a reply
+        assert _children(proc.pid) == []
+
+        first = live.session()
         try:
             assert len(_children(proc.pid)) == 1  # the first session's worker
-            assert _knock(port).startswith(refusal)
+            # During a session the server (accepting process and worker) and the
+            # client listen on the announced port only: CrypTen runs on the session's connection.
+            assert _listening_ports(proc.pid) == {live.port}
+            assert _listening_ports(os.getpid(), descendants=False) == set()  # this process is the client
+            assert _knock(live, live.tokens["alice"]).startswith("too many sessions for client 'alice': 1 running (limit 1)")
             assert len(_children(proc.pid)) == 1  # no worker was started for it
-            if limits.max_concurrent_sessions > 1:
-                # Another address is not held to the first one's limit: it reaches a
-                # worker (whose handshake then refuses the empty hello).
-                assert "too many sessions" not in _knock(port, source="127.0.0.2")
+            assert _knock(live, live.tokens["bob"]) == "auth.ok"  # another client is not held to alice's limit
             logits = first.forward([5, 6], [False, True])  # the running session is untouched
             assert logits.shape == (1, 300) and torch.isfinite(torch.as_tensor(logits)).all()
         finally:
@@ -142,10 +164,37 @@ def test_server_limits_refuse_a_client_before_starting_a_worker(tiny_checkpoint,
         stop_server(proc)
 
 
+def test_server_busy_refuses_before_starting_a_worker(tiny_checkpoint):
+    proc, live = start_server(tiny_checkpoint, settings=CryptoGenConfig(server=ServerSettings(max_concurrent_sessions=1)))
+    try:
+        first = live.session()
+        try:
+            assert _knock(live, live.tokens["bob"]).startswith("server busy: 1 sessions running (limit 1)")
+            assert len(_children(proc.pid)) == 1
+            assert first.forward([5], [True]).shape == (1, 300)
+        finally:
+            first.close()
+    finally:
+        stop_server(proc)
+
+
+def test_a_server_with_another_certificate_is_refused_by_the_client(server, tmp_path):
+    proc, live = server
+    impostor, _ = credentials.self_signed_certificate(["127.0.0.1", "localhost"])  # same names, another key
+    elsewhere, _ = credentials.self_signed_certificate(["other.example"])
+    (tmp_path / "elsewhere.pem").write_bytes(elsewhere)
+    for pinned in (impostor, str(tmp_path / "elsewhere.pem"), None):  # None: the system's CAs
+        with pytest.raises(transport.CertificateError, match="does not verify"):
+            ClientSession("127.0.0.1", live.port, server_cert=pinned, token=live.tokens["alice"])
+    with pytest.raises(credentials.CredentialsError, match="not found"):
+        ClientSession("127.0.0.1", live.port, server_cert=str(tmp_path / "absent.pem"), token=live.tokens["alice"])
+    assert _children(proc.pid) == []  # the client never sent its token
+
+
 def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):
-    _, port = server
+    _, live = server
     settings = CryptoGenConfig(mpc=MPCSettings(reveal="token"))
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}", settings=settings)
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs(), settings=settings)
     try:
         ids = torch.tensor([[7, 8, 9]])
         out = model.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -170,9 +219,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_server_killed_mid_generation_raises_within_the_timeout(server, tiny_checkpoint):
-    proc, port = server
+    proc, live = server
     settings = CryptoGenConfig(timeouts=TimeoutSettings(peer_s=15))
-    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, server=f"127.0.0.1:{port}", settings=settings)
+    model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs(), settings=settings)
     killer = threading.Timer(4.0, lambda: os.killpg(proc.pid, signal.SIGKILL))
     killer.start()
     start = time.monotonic()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cryptogen_hf.protocol import transport
+from cryptogen_hf.protocol import credentials, transport
 
 
 @pytest.fixture()
@@ -93,10 +93,70 @@ def test_wrong_kind_is_refused_from_its_header(pair):
     _refused_at_once(a, "hello", "expected 'hello'")
 
 
-def test_per_kind_size_limit_is_checked_from_the_header(pair):
+@pytest.mark.parametrize("kind, length, match", [
+    ("hello", 1001, "limit 1000"),
+    ("error", transport.MAX_ERROR_BYTES + 1, "'error' message"),  # error messages are short too
+])
+def test_per_kind_size_limit_is_checked_from_the_header(pair, kind, length, match):
     a, b = pair
     a.limits["hello"] = 1000
-    _announce(b, "hello", 1001)
-    _refused_at_once(a, "hello", "limit 1000")
-    _announce(b, "error", transport.MAX_ERROR_BYTES + 1)  # error messages are short too
-    _refused_at_once(a, "hello", "'error' message")
+    _announce(b, kind, length)
+    _refused_at_once(a, "hello", match)
+    with pytest.raises(transport.ProtocolError, match="unusable after an earlier refused message"):
+        a.recv("hello", timeout_s=1)  # the byte stream is out of step: nothing more is read
+
+
+def test_the_two_streams_are_independent_and_simultaneous_large_sends_do_not_deadlock(pair):
+    a, b = pair
+    # b sends CrypTen's message first, then a protocol message; a reads them the other way round.
+    b.send(transport.MPC_KIND, b"shares")
+    b.send("request", b"{}")
+    assert a.recv("request") == ("request", b"{}")
+    assert a.recv(transport.MPC_KIND) == (transport.MPC_KIND, b"shares")
+    # Both send 64 MiB at once from one thread each, far more than the socket buffers hold:
+    # each send keeps reading the other's message meanwhile.
+    big = {name: os.urandom(1 << 20) * 64 for name in "ab"}
+    done = {}
+    t = threading.Thread(target=lambda: (b.send(transport.MPC_KIND, big["b"]), done.setdefault("b", b.recv(transport.MPC_KIND))))
+    t.start()
+    a.send(transport.MPC_KIND, big["a"])
+    assert a.recv(transport.MPC_KIND)[1] == big["b"]
+    t.join(timeout=30)
+    assert done["b"][1] == big["a"]
+
+
+def test_a_peer_that_floods_the_other_stream_is_cut_off(pair, monkeypatch):
+    a, b = pair
+    monkeypatch.setattr(transport, "MAX_QUEUED_BYTES", 1 << 20)
+    for _ in range(3):
+        b.send(transport.MPC_KIND, b"x" * (400 << 10))  # nobody reads CrypTen's stream yet
+    b.send("request", b"{}")
+    with pytest.raises(transport.ProtocolError, match="bytes ahead of the protocol"):
+        a.recv("request", timeout_s=10)
+
+
+def test_tls_channel_carries_both_streams_and_pins_the_certificate(tmp_path):
+    cert, key = credentials.self_signed_certificate(["127.0.0.1"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    server_tls = credentials.server_tls_context(tmp_path / "c.pem", tmp_path / "k.pem")
+    listener = transport.listen()
+    holder = {}
+    t = threading.Thread(target=lambda: holder.setdefault("a", transport.accept(listener, "client", timeout_s=10, tls=server_tls)))
+    t.start()
+    b = transport.connect("127.0.0.1", listener.getsockname()[1], "server", timeout_s=10, tls=credentials.client_tls_context(cert))
+    t.join()
+    a = holder["a"]
+    try:
+        assert a.tls and b.tls and b.sock.version() == "TLSv1.3"
+        payload = os.urandom(5_000_000)
+        sender = threading.Thread(target=lambda: (b.send(transport.MPC_KIND, payload), b.send("request", b"{}")))
+        sender.start()
+        assert a.recv("request")[1] == b"{}" and a.recv(transport.MPC_KIND)[1] == payload
+        sender.join()
+        a.send("reply", payload[:100])
+        assert b.recv("reply")[1] == payload[:100]
+    finally:
+        a.close()
+        b.close()
+        listener.close()

@@ -275,6 +275,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                 }
                 if config.server.diagnostics:
                     stats["timings"] = dict(runner.timings)
+                    stats["circuit_privacy_s"] = he.masking_s  # re-randomising and flooding what the client decrypts
                     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":

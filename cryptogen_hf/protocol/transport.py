@@ -125,6 +125,8 @@ class Channel:
         self._queues = {"protocol": collections.deque(), MPC_KIND: collections.deque()}
         self._queued_bytes = 0
         self._closed_by_peer = False
+        self._expecting: dict[str, str] = {}  # stream -> the kind a receive is waiting for
+        self._broken: ProtocolError | None = None  # after a refused message the byte stream is out of step for good
 
     # ---------------------------------------------------------------- sending
     def send(self, kind: str, payload=b"") -> None:
@@ -157,8 +159,13 @@ class Channel:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         what = f"{expect_kind!r}" if expect_kind else "a message"
         queue = self._queues[stream]
-        while not queue:
-            self._wait(deadline, f"waiting for {what}", want_write=False)
+        if expect_kind is not None:
+            self._expecting[stream] = expect_kind
+        try:
+            while not queue:
+                self._wait(deadline, f"waiting for {what}", want_write=False)
+        finally:
+            self._expecting.pop(stream, None)
         kind, payload = queue.popleft()
         self._queued_bytes -= len(payload)
         if expect_kind is not None and kind != expect_kind:
@@ -172,6 +179,8 @@ class Channel:
     def _wait(self, deadline: float, doing: str, want_write: bool) -> None:
         """Block until the socket can move bytes (or the deadline passes), then
         read whatever has arrived into the stream queues."""
+        if self._broken is not None:
+            raise ProtocolError(f"connection to {self.peer_name} is unusable after an earlier refused message: {self._broken}")
         if self._closed_by_peer:
             raise PeerClosedError(f"{self.peer_name} closed the connection while we were {doing} (its process may have died)")
         left = deadline - time.monotonic()
@@ -204,7 +213,11 @@ class Channel:
                     raise PeerClosedError(f"{self.peer_name} closed the connection in the middle of a message while we were {doing}")
                 return
             self._inbuf += data
-            self._parse()
+            try:
+                self._parse()
+            except ProtocolError as exc:
+                self._broken = exc
+                raise
 
     def _parse(self) -> None:
         buf = self._inbuf
@@ -220,6 +233,10 @@ class Channel:
                 kind = bytes(buf[6 : 6 + kind_len]).decode("utf-8", errors="replace")
                 (length,) = struct.unpack_from("<Q", buf, 6 + kind_len)
                 # Judged from the header alone: nothing is read or allocated for a message refused here.
+                stream = _stream_of(kind)
+                due = self._expecting.get(stream)
+                if due is not None and kind not in (due, "error") and not self._queues[stream]:
+                    raise ProtocolError(f"expected {due!r} from {self.peer_name}, got {kind!r}")
                 limit = self.limits.get(kind, MAX_PAYLOAD_BYTES)
                 if length > limit:
                     raise ProtocolError(f"{self.peer_name} announced a {length}-byte {kind!r} message (limit {limit}); refusing")
