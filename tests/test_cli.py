@@ -20,7 +20,7 @@ from cryptogen_hf.cli import main
 from cryptogen_hf.eval.perplexity import hf_model_fn, sliding_window_nll
 
 REPO = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["serve", "generate", "eval", "bench", "finetune"]
+SUBCOMMANDS = ["credentials", "serve", "generate", "eval", "bench", "finetune"]
 TEXT = ("The quiet harbour town kept its old lighthouse burning every night for the fishing boats "
         "that came home late, and the keeper wrote the weather in a book.\n")
 
@@ -67,7 +67,7 @@ def test_help_of_every_subcommand_and_script(capsys):
         code, out, err = cryptogen_main(capsys, name, "--help")
         assert code == 0, err
         assert out.startswith(f"usage: cryptogen {name}"), out[:200]
-        assert "--model" in out
+        assert ("--host" if name == "credentials" else "--model") in out
     # The scripts are thin wrappers of the subcommands.
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_ppl.py"), "--help"],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -149,3 +149,35 @@ def test_bench_writes_json_and_plot(tmp_path):
         assert row["decode_s_per_token"] > 0 and row["recompute_s_per_token"] > 0
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint):
+    """`cryptogen credentials`, `serve --cert --key --tokens`, `generate --server
+    --server-cert --token-file`, as the README runs them (on loopback)."""
+    creds = tmp_path / "creds"
+    made = cryptogen("credentials", "--host", "127.0.0.1", "--out", creds)
+    assert made.returncode == 0, made.stderr
+    assert {p.name for p in creds.iterdir()} == {"server.pem", "server.key", "tokens.txt", "client.token"}
+    assert all((creds / name).stat().st_mode & 0o077 == 0 for name in ("server.key", "tokens.txt", "client.token"))
+    refused = cryptogen("serve", "--model", tiny_checkpoint, "--quiet")  # no credentials: refused at once
+    assert refused.returncode == 2 and "TLS certificate file" in refused.stderr and "cryptogen credentials" in refused.stderr
+    server = subprocess.Popen([sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(tiny_checkpoint), "--quiet",
+                               "--host", "127.0.0.1", "--cert", str(creds / "server.pem"), "--key", str(creds / "server.key"),
+                               "--tokens", str(creds / "tokens.txt")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        address = server.stdout.readline().split()[-1]
+        client = ["generate", "--server", address, "--server-cert", creds / "server.pem", "--tokenizer", tiny_checkpoint,
+                  "--prompt", "The quiet harbour", "--max-new-tokens", 3]
+        wrong_token = tmp_path / "wrong.token"
+        wrong_token.write_text("z" * 43 + "\n")
+        denied = cryptogen(*client, "--token-file", wrong_token)
+        assert denied.returncode != 0 and "does not know that token" in denied.stderr
+        done = cryptogen(*client, "--token-file", creds / "client.token")
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server.kill()
+        server.wait()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    ids = tokenizer("The quiet harbour", return_tensors="pt").input_ids
+    plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
+    assert done.stdout.strip().startswith(tokenizer.decode(plain[0]).strip())

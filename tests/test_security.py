@@ -42,6 +42,7 @@ from cryptogen_hf.he.keys import _unpack_blobs as unpack_key_bundle
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
 from cryptogen_hf.mpc.runtime import CLIENT, MPCConfig, launch_local, party_channel, rank_of
 from cryptogen_hf.protocol import gpt2
+from cryptogen_hf.protocol.session import server_message_limits
 from cryptogen_hf.protocol.transport import PeerReportedError
 from cryptogen_hf.protocol.wire import pack_blobs, unpack_blobs
 from cryptogen_hf.server.weights import normalize, prepare_gpt2
@@ -464,6 +465,16 @@ def test_corrupted_ciphertexts_get_a_clear_error_and_server_keeps_serving(record
     header = b"CGv1" + struct.pack("<H", 12) + b"embed.onehot" + struct.pack("<Q", 1 << 20)  # announces 1 MiB
     session.channel.sock.sendall(header + b"\x00" * 1000)
     session.close()
+    # A frame longer than the plan allows for its kind: refused from its header, with an error.
+    session = live.session(SETTINGS)
+    try:
+        limit = server_message_limits(session.plans, session.shape, session.he.params)["embed.onehot"]
+        session._request(op="forward", logits_for=[True])
+        session.channel.sock.sendall(b"CGv1" + struct.pack("<H", 12) + b"embed.onehot" + struct.pack("<Q", limit + 1))
+        with pytest.raises(PeerReportedError, match=f"announced a {limit + 1}-byte 'embed.onehot' message \\(limit {limit}\\)"):
+            session.channel.recv("from_he.ciphertexts", timeout_s=60)
+    finally:
+        session.close()
     _wait_until(lambda: not _workers(proc), 30, "every bad session's worker exited")
     assert proc.poll() is None
     tokens, _, _ = _secure_greedy(tiny_checkpoint, live, PROMPT, NEW_TOKENS)

@@ -31,23 +31,25 @@ server=0, client=1 in every mode). The client then knows every triple and so
 every value opened in a multiplication: every activation. Sessions allow it
 only with ``mpc.client_sees_activations: true`` on both sides.
 
-Timeouts
---------
-CrypTen's ``DistributedCommunicator.__init__`` calls
-``torch.distributed.init_process_group`` and ``new_group`` WITHOUT a timeout
-(torch's default is 30 minutes). We therefore construct the communicator
-ourselves (:class:`_TimedCommunicator`, same fields as CrypTen's, plus
-``timeout=``) for the default group and every subgroup, install it as
-CrypTen's singleton, then run the rest of ``crypten.init`` (PRG seeds, TTP
-client). Every gloo send/recv/collective then fails after
-``MPCConfig.timeout_s`` instead of blocking. A peer that *dies* closes its
-sockets, which gloo reports at once; a peer that hangs is caught by the
-timeout. Either way :func:`translate_peer_error` turns the gloo error into a
-:class:`PeerError` naming the role(s) that went away (on one host it checks
-which peer pids are still alive).
+Connections and timeouts
+------------------------
+Two parties (``dealer`` "none" or "client", every session): CrypTen's
+communicator is :class:`~cryptogen_hf.mpc.channel_comm.ChannelCommunicator`
+on the session's own framed channel (TLS in a session; a socket pair in
+:func:`launch_local`), so the MPC opens no port of its own and every
+receive has the channel's timeout. A dead peer closes the connection, which
+the channel reports at once; a silent one is caught by the timeout; either
+way :func:`translate_peer_error` turns it into a :class:`PeerError` naming
+the role that went away.
 
-The dealer uses ``MPCConfig.dealer_idle_timeout_s`` (default 1 hour) because
-it legitimately waits while the parties do long HE work between triple
+TTP mode (three processes, benchmarks only): gloo with a rendezvous on
+``MPCConfig.host:port``. CrypTen's ``DistributedCommunicator.__init__``
+calls ``torch.distributed.init_process_group`` and ``new_group`` WITHOUT a
+timeout (torch's default is 30 minutes), so we construct the communicator
+ourselves (:class:`_TimedCommunicator`, same fields as CrypTen's, plus
+``timeout=``) for the default group and every subgroup. The dealer uses
+``MPCConfig.dealer_idle_timeout_s`` (default 1 hour) because it
+legitimately waits while the parties do long HE work between triple
 requests; it still exits at once when a party's socket closes.
 """
 
@@ -116,9 +118,9 @@ class MPCConfig:
     dealer: "none" (the two parties make the triples with HE, default), "ttp"
         (a third process deals them) or "client" (the client deals: it then
         sees every activation, so the weights are as good as public).
-    host, port: TCP rendezvous (torch.distributed's store is hosted by rank 0,
-        the server). port=0 is allowed only with :func:`launch_local`, which
-        picks a free port.
+    host, port: TTP mode only: gloo's TCP rendezvous (hosted by rank 0).
+        port=0 is allowed only with :func:`launch_local`, which picks a free
+        port. Two parties run over their channel and use neither.
     timeout_s: limit on every blocking send/recv/collective between parties.
     dealer_idle_timeout_s: the dealer's limit while waiting for the next
         request (the parties may do long HE work between requests).

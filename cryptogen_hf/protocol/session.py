@@ -157,6 +157,40 @@ class CorrelationPlan:
 CONTROL_MESSAGE_LIMITS = {"hello": 1 << 16, "request": 1 << 16}
 
 
+def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEParams) -> dict[str, int]:
+    """The longest message of each kind the server accepts from a client of
+    this model, from the plan: a bound on the ciphertexts a pass of up to
+    ``n_positions`` tokens can carry, times the largest serialized ciphertext.
+
+    - ``embed.onehot``: one ciphertext per vocabulary chunk per token;
+    - ``refresh.fresh`` and ``bench.fill``: at most the whole encrypted cache
+      (inner blocks of B tokens, or the outer layout's head_dim diagonals per
+      tile), K and V, every layer;
+    - ``to_he.ciphertexts``: the input of one HE product for a whole pass
+      (one ciphertext per token and input row; 8 rows is more than any plan
+      uses) or a cache's worth of keys and values for the prefill layouts;
+    - ``mpc``: CrypTen's largest opening, int64 values for every token of a
+      pass times the widest per-token tensor (vocabulary, 4 d, or the
+      attention scores of all heads), or a correlation batch message."""
+    from ..mpc.two_party import MAX_MESSAGE_BYTES as CORRELATION_MESSAGE_BYTES
+
+    k, n = len(he_params.coeff_modulus), he_params.poly_modulus_degree
+    ct_bytes = 2 * k * n * 8 + 1024  # two polynomials at every prime, plus SEAL's header
+    T, d = shape.n_positions, shape.n_embd
+    row = he_params.row_size
+    blocks_per_layer = -(-T // plans.cache_layout.B) + shape.head_dim * (1 + T * shape.n_head // row)
+    cache_cts = 2 * shape.n_layer * blocks_per_layer
+    framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + 8))  # pack_blobs' length words
+    return {
+        "embed.onehot": T * plans.embed_chunks * ct_bytes + framing,
+        "refresh.fresh": cache_cts * ct_bytes + framing,
+        "bench.fill": cache_cts * ct_bytes + framing,
+        "to_he.ciphertexts": (T * 8 + cache_cts) * ct_bytes + framing,
+        "step.refresh_plan": 1 << 20,
+        transport.MPC_KIND: max(CORRELATION_MESSAGE_BYTES, 8 * T * max(shape.vocab_size, 4 * d, shape.n_head * T)),
+    }
+
+
 class BadRequest(ValueError):
     """A request the server refuses (it answers with an error and goes on)."""
 
@@ -224,6 +258,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     policy = PrefillLayoutPolicy(hosted.shape, hosted.he_params, hello["prefill_layout"])
     needed_steps = set(hosted.plans.galois_steps()) | policy.galois_steps()
     channel.limits["he_bundle"] = bundle_size_limit(hosted.he_params, len(needed_steps))
+    channel.limits.update(server_message_limits(hosted.plans, hosted.shape, hosted.he_params))
     try:
         he = ServerHE.from_bundle(channel.recv_payload("he_bundle"), expect_fingerprint=hosted.he_params.fingerprint())
     except ValueError as exc:
