@@ -77,9 +77,11 @@ class ServerSettings:
     # them on (`cryptogen serve --diagnostics`); on for the local server a
     # client starts for itself (`from_pretrained` without `server=`).
     diagnostics: bool = False
-    # Sessions served at once (one worker process each; a GPT-2-base worker
-    # peaks at ~6 GB): a client beyond this is refused, with an error that
-    # says so, before any worker is started.
+    # Sessions served at once (one worker process each): a client beyond this
+    # is refused, with an error that says so, before any worker is started.
+    # The server lowers it to what its available memory holds at start, at
+    # the most one session can take (keys, a full encrypted cache, working
+    # set: server.serve.session_memory_estimate).
     max_concurrent_sessions: int = 4
     # Sessions one client (a name in the tokens file) may hold at once.
     max_sessions_per_client: int = 4

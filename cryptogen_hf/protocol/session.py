@@ -157,6 +157,15 @@ class CorrelationPlan:
 CONTROL_MESSAGE_LIMITS = {"hello": 1 << 16, "request": 1 << 16}
 
 
+def cache_ciphertexts_bound(plans: GPT2Plans, shape: ModelShape, he_params: HEParams) -> int:
+    """Ciphertexts an encrypted cache of ``n_positions`` tokens can hold, K and
+    V, every layer: inner blocks of B tokens plus the outer layout's head_dim
+    diagonals per tile (a cache holds a prompt in one and the rest in the other)."""
+    T = shape.n_positions
+    per_layer = -(-T // plans.cache_layout.B) + shape.head_dim * (1 + T * shape.n_head // he_params.row_size)
+    return 2 * shape.n_layer * per_layer
+
+
 def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEParams) -> dict[str, int]:
     """The longest message of each kind the server accepts from a client of
     this model, from the plan: a bound on the ciphertexts a pass of up to
@@ -177,9 +186,7 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
     k, n = len(he_params.coeff_modulus), he_params.poly_modulus_degree
     ct_bytes = 2 * k * n * 8 + 1024  # two polynomials at every prime, plus SEAL's header
     T, d = shape.n_positions, shape.n_embd
-    row = he_params.row_size
-    blocks_per_layer = -(-T // plans.cache_layout.B) + shape.head_dim * (1 + T * shape.n_head // row)
-    cache_cts = 2 * shape.n_layer * blocks_per_layer
+    cache_cts = cache_ciphertexts_bound(plans, shape, he_params)
     framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + 8))  # pack_blobs' length words
     return {
         "embed.onehot": T * plans.embed_chunks * ct_bytes + framing,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import CryptoGenConfig, load_config
 from ..he import HEParams
-from ..he.keys import PlaintextEncoder
+from ..he.keys import PlaintextEncoder, bundle_size_limit
 from ..protocol import credentials, transport
 from ..protocol.gpt2 import EncodedGPT2, GPT2Plans, ModelShape
 from ..protocol.session import fixed_point_from, he_params_from, run_server_session
@@ -80,6 +80,44 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
     encoded = EncodedGPT2(prepared, plans, PlaintextEncoder(he_params), fixed_point, progress=bar.update)
     bar.close()
     return HostedModel(shape, he_params, plans, fixed_point, encoded)
+
+
+# A session worker's memory beyond the shared, encoded weights: its HE keys,
+# its encrypted cache, and this much for the interpreter, SEAL and torch
+# working sets and the correlation pools (a shipped-model worker measures
+# ~0.66 GB RSS, most of it pages shared with the accepting process).
+WORKER_BASE_BYTES = 512 << 20
+
+
+def session_memory_estimate(hosted: HostedModel) -> int:
+    """Bytes one more session may take at most: its key bundle, a full
+    encrypted cache (every layer's K and V for n_positions tokens, in the
+    larger of the two layouts), and WORKER_BASE_BYTES."""
+    from ..protocol.session import cache_ciphertexts_bound
+
+    params, shape = hosted.he_params, hosted.shape
+    n_steps = len(hosted.plans.galois_steps())
+    ct_bytes = 2 * len(params.coeff_modulus) * params.poly_modulus_degree * 8
+    return bundle_size_limit(params, n_steps) + cache_ciphertexts_bound(hosted.plans, shape, params) * ct_bytes + WORKER_BASE_BYTES
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def concurrent_session_limit(configured: int, per_session: int, available: int | None) -> int:
+    """The configured limit, lowered to what the available memory holds (at least one session)."""
+    if available is None:
+        return configured
+    return max(1, min(configured, available // per_session))
 
 
 def _die_with_parent() -> None:
@@ -180,6 +218,10 @@ def serve(
             "mpc.dealer is 'client': every client sees every activation of this model and can fit its "
             "weights from them; serve this way only a model whose weights are public"
         )
+    per_session = session_memory_estimate(hosted)
+    max_concurrent = concurrent_session_limit(config.server.max_concurrent_sessions, per_session, available_memory())
+    log.info("at most %d sessions at once (configured %d; up to %.0f MiB each)",
+             max_concurrent, config.server.max_concurrent_sessions, per_session / 2**20)
     if ready is not None:
         ready(bound)
     fork = multiprocessing.get_context("fork")
@@ -208,8 +250,8 @@ def serve(
                 continue
             limits = config.server
             theirs = sum(1 for _, c in workers if c == client)
-            if len(workers) >= limits.max_concurrent_sessions:
-                _refuse(channel, f"server busy: {len(workers)} sessions running (limit {limits.max_concurrent_sessions}); try again later")
+            if len(workers) >= max_concurrent:
+                _refuse(channel, f"server busy: {len(workers)} sessions running (limit {max_concurrent}); try again later")
                 continue
             if theirs >= limits.max_sessions_per_client:
                 _refuse(channel, f"too many sessions for client {client!r}: {theirs} running (limit {limits.max_sessions_per_client})")
