@@ -151,16 +151,16 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
-def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint):
+def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint, capsys):
     """`cryptogen credentials`, `serve --cert --key --tokens`, `generate --server
     --server-cert --token-file`, as the README runs them (on loopback)."""
     creds = tmp_path / "creds"
-    made = cryptogen("credentials", "--host", "127.0.0.1", "--out", creds)
-    assert made.returncode == 0, made.stderr
+    code, out, err = cryptogen_main(capsys, "credentials", "--host", "127.0.0.1", "--out", creds)
+    assert code == 0 and "server.pem" in out, err
     assert {p.name for p in creds.iterdir()} == {"server.pem", "server.key", "tokens.txt", "client.token"}
     assert all((creds / name).stat().st_mode & 0o077 == 0 for name in ("server.key", "tokens.txt", "client.token"))
-    refused = cryptogen("serve", "--model", tiny_checkpoint, "--quiet")  # no credentials: refused at once
-    assert refused.returncode == 2 and "TLS certificate file" in refused.stderr and "cryptogen credentials" in refused.stderr
+    code, _, err = cryptogen_main(capsys, "serve", "--model", tiny_checkpoint, "--quiet")  # no credentials: refused at once
+    assert code == 2 and "TLS certificate file" in err and "cryptogen credentials" in err, err
     server = subprocess.Popen([sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(tiny_checkpoint), "--quiet",
                                "--host", "127.0.0.1", "--cert", str(creds / "server.pem"), "--key", str(creds / "server.key"),
                                "--tokens", str(creds / "tokens.txt")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
