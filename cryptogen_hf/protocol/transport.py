@@ -122,6 +122,8 @@ class Channel:
         sock.setblocking(False)
         self._inbuf = bytearray()
         self._header: tuple[str, int, int] | None = None  # (kind, header bytes, payload length) being read
+        self._payload: bytearray | None = None  # a payload being read in place, and how much of it has come
+        self._filled = 0
         self._queues = {"protocol": collections.deque(), MPC_KIND: collections.deque()}
         self._queued_bytes = 0
         self._closed_by_peer = False
@@ -199,19 +201,36 @@ class Channel:
             self._read_available(doing)
 
     def _read_available(self, doing: str) -> None:
-        """Read until the socket would block; parse and queue complete messages."""
+        """Read until the socket would block; parse and queue complete messages.
+
+        Headers are parsed from a small buffer; a payload that did not arrive
+        with its header is read straight into a buffer of its announced size
+        (allocated only after the header passed its checks), so a large
+        message costs its size once, plus the final bytes copy."""
         while True:
             try:
-                data = self.sock.recv(_CHUNK)
+                if self._payload is not None:
+                    view = memoryview(self._payload)[self._filled :]
+                    n = self.sock.recv_into(view, min(len(view), _CHUNK))
+                    data = None
+                else:
+                    data = self.sock.recv(_CHUNK)
+                    n = len(data)
             except _WOULD_BLOCK:
                 return
             except OSError as exc:
                 raise PeerClosedError(f"connection to {self.peer_name} lost while {doing}: {exc}") from exc
-            if not data:
+            if not n:
                 self._closed_by_peer = True
                 if self._header is not None or self._inbuf:
                     raise PeerClosedError(f"{self.peer_name} closed the connection in the middle of a message while we were {doing}")
                 return
+            if data is None:
+                self._filled += n
+                if self._filled == len(self._payload):
+                    payload, self._payload = bytes(self._payload), None
+                    self._finish(payload)
+                continue
             self._inbuf += data
             try:
                 self._parse()
@@ -221,7 +240,7 @@ class Channel:
 
     def _parse(self) -> None:
         buf = self._inbuf
-        while True:
+        while self._payload is None:
             if self._header is None:
                 if len(buf) < 6:
                     return
@@ -243,13 +262,22 @@ class Channel:
                 if self._queued_bytes + length > MAX_QUEUED_BYTES:
                     raise ProtocolError(f"{self.peer_name} sent more than {MAX_QUEUED_BYTES} bytes ahead of the protocol; refusing")
                 self._header = (kind, 14 + kind_len, length)
-            kind, header_len, length = self._header
-            if len(buf) < header_len + length:
-                return
-            payload = bytes(buf[header_len : header_len + length])
-            del buf[: header_len + length]
-            self._header = None
-            self._deliver(kind, payload, header_len)
+                del buf[: 14 + kind_len]
+            length = self._header[2]
+            if len(buf) >= length:
+                payload = bytes(memoryview(buf)[:length])
+                del buf[:length]
+                self._finish(payload)
+            else:  # the rest goes straight into the payload's own buffer
+                self._payload = bytearray(length)
+                self._payload[: len(buf)] = buf
+                self._filled = len(buf)
+                del buf[:]
+
+    def _finish(self, payload: bytes) -> None:
+        kind, header_len, _ = self._header
+        self._header = None
+        self._deliver(kind, payload, header_len)
 
     def _deliver(self, kind: str, payload: bytes, header_len: int) -> None:
         self.stats.bytes_received += header_len + len(payload)
