@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import atexit
 import collections
+import json
 import queue
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, GPT2Config, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -84,6 +86,17 @@ class EncryptedCache(Cache):
         # The server keeps one cache per session: a new EncryptedCache starts a new conversation.
         if self.session.n_tokens:
             self.session.reset()
+        model._live_cache = weakref.ref(self)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "an EncryptedCache is a handle on the one encrypted cache the server keeps for this session and cannot "
+            "be copied (HF's prompt-reuse recipe deep-copies a prefix cache). Reuse a prefix by cropping instead: "
+            "cache.crop(-n) removes the last n tokens, and generate() then continues from the prefix"
+        )
+
+    def __copy__(self):
+        return self.__deepcopy__({})
 
     # -- what the protocol reports -------------------------------------------
     def _advance(self, n_tokens: int) -> None:
@@ -124,6 +137,19 @@ class EncryptedCache(Cache):
 
     def __repr__(self) -> str:
         return f"EncryptedCache(tokens={self.get_seq_length()}, layers={len(self.layers)})"
+
+
+def _read_secure_handle(path) -> dict | None:
+    """The ``cryptogen`` section of a folder written by ``save_pretrained``, or None."""
+    if path is None or not (Path(path) / "config.json").is_file():
+        return None
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") != CryptoGenGPT2Config.model_type:
+        return None
+    handle = config.get("cryptogen")
+    if not isinstance(handle, dict) or not (handle.get("checkpoint") or handle.get("server")):
+        raise ValueError(f"{path} is a cryptogen_hf model folder that names neither a checkpoint nor a server")
+    return handle
 
 
 def _no_new_tokens_message(cached: int, given: int) -> str:
@@ -201,6 +227,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.session = session
         self._server_process = None
+        self._live_cache = None  # weak reference to the EncryptedCache of the session's conversation
         # PreTrainedModel infers device and dtype from parameters; the client has
         # no weights, so it carries one placeholder.
         self._device_anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
@@ -223,9 +250,18 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             fixed point, dealer, timeouts); must match the server's.
         """
         settings = load_config(settings)
-        unused = set(kwargs) - {"dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "trust_remote_code"}
+        # What AutoModelForCausalLM.from_pretrained passes along (hub options: nothing is downloaded).
+        ignored = {"dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "trust_remote_code", "config",
+                   "cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token"}
+        unused = set(kwargs) - ignored
         if unused:
             raise TypeError(f"unsupported from_pretrained arguments for a secure model: {sorted(unused)}")
+        handle = _read_secure_handle(pretrained_model_name_or_path)
+        if handle is not None:  # a folder written by save_pretrained: where the model is served
+            if server is None and handle.get("server"):
+                server = handle["server"]
+                server_cert = server_cert if server_cert is not None else handle.get("server_cert")
+            pretrained_model_name_or_path = handle.get("checkpoint")
         proc = None
         if server is None:
             if pretrained_model_name_or_path is None:
@@ -234,12 +270,14 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                 raise FileNotFoundError(
                     f"no checkpoint folder at {pretrained_model_name_or_path!r} (nothing is downloaded at run time)"
                 )
+            from ..protocol.session import he_params_from
             from ..server.weights import check_supported
 
-            check_supported(AutoConfig.from_pretrained(pretrained_model_name_or_path))
+            check_supported(AutoConfig.from_pretrained(pretrained_model_name_or_path), he_params_from(settings).row_size)
             if server_cert is not None or server_token is not None:
                 raise ValueError("server_cert and server_token are for a remote server (server='host:port'); "
                                  "a local server makes its own certificate and token")
+            origin = {"checkpoint": str(Path(pretrained_model_name_or_path).resolve())}
             proc, port, server_cert, server_token = _start_local_server(pretrained_model_name_or_path, settings)
             host = "127.0.0.1"
         else:
@@ -247,27 +285,27 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             if not host or not port_text.isdigit():
                 raise ValueError(f"server must be 'host:port', got {server!r}")
             port = int(port_text)
+            origin = {"server": server, "server_cert": str(Path(server_cert).resolve()) if isinstance(server_cert, (str, Path)) else None}
         try:
             session = ClientSession(host, port, settings, server_cert=server_cert, token=server_token)
         except BaseException:
             if proc is not None:
                 proc.kill()
             raise
-        config = cls._config_from(session, pretrained_model_name_or_path)
-        model = cls(config, session)
+        model = cls.from_session(session, origin)
         model._server_process = proc
-        model.eval()
         atexit.register(model.close)
         return model
 
-    @staticmethod
-    def _config_from(session: ClientSession, path) -> CryptoGenGPT2Config:
+    @classmethod
+    def from_session(cls, session, origin: dict | None = None) -> "CryptoGenForCausalLM":
+        """The model on an open session (``from_pretrained`` opens one): the
+        public config and generation defaults the handshake carried, and
+        ``origin``, where the model is served (what ``save_pretrained`` writes)."""
         shape = session.shape
-        extra = {}
-        if path is not None and Path(path).exists():
-            public = AutoConfig.from_pretrained(path)  # token ids, generation defaults: public
-            extra = {k: getattr(public, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(public, k, None) is not None}
-        return CryptoGenGPT2Config(
+        # Special token ids as the server's checkpoint has them (the handshake carries them).
+        extra = {k: session.generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in session.generation}
+        config = CryptoGenGPT2Config(
             n_layer=shape.n_layer,
             n_embd=shape.n_embd,
             n_head=shape.n_head,
@@ -277,6 +315,27 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             name_or_path=shape.name,
             **extra,
         )
+        config.cryptogen = origin or {}
+        model = cls(config, session)
+        # The checkpoint's generation defaults (generation_config.json), as the server reads them.
+        model.generation_config = GenerationConfig.from_dict(session.generation)
+        return model.eval()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write a folder that ``CryptoGenForCausalLM.from_pretrained`` and
+        ``AutoModelForCausalLM.from_pretrained`` (after ``import cryptogen_hf``)
+        load as this secure model: its config.json (model_type
+        "cryptogen-gpt2", the public shapes and where the model is served: the
+        checkpoint folder of a local server, or the server's address and
+        certificate) and generation_config.json. No weights (the client has
+        none), no token, no keys: a remote server's token is passed again as
+        ``server_token=``."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub is not supported: a secure model folder names a local checkpoint or a server")
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
 
     def close(self):
         """End the secure session and stop the local server, if this model started one."""
@@ -310,6 +369,31 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(_no_new_tokens_message(cache.get_seq_length(), input_ids.shape[1]))
         return super().prepare_inputs_for_generation(input_ids, *args, cache=cache, **kwargs)
 
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """Refuse, before any secure work and by name, every option the secure
+        model cannot honour (transformers would otherwise run on and give
+        silently wrong results or a misleading error)."""
+        refusals = []
+        if generation_config.use_cache is False:
+            refusals.append("use_cache=False (the secure model always keeps its encrypted cache: each step runs only the "
+                            "new token; remove use_cache=False)")
+        if (generation_config.num_beams or 1) > 1:
+            refusals.append(f"num_beams={generation_config.num_beams} (beam search needs several sequences at once; the "
+                            "secure protocol runs one: use num_beams=1)")
+        if (generation_config.num_return_sequences or 1) > 1:
+            refusals.append(f"num_return_sequences={generation_config.num_return_sequences} (one sequence at a time: call "
+                            "generate() once per sequence, with do_sample=True for different ones)")
+        for option in ("output_attentions", "output_hidden_states"):
+            if getattr(generation_config, option, False):
+                refusals.append(f"{option}=True (attention weights and hidden states exist only as secret shares; "
+                                "nobody can return them)")
+        if self.session is not None and self.session.config.mpc.reveal == "token" and generation_config.do_sample:
+            refusals.append("do_sample=True with mpc.reveal: token (the client learns only the greedy token, so "
+                            "sampling and logits processors have no logits to work on; use reveal: logits to sample)")
+        if refusals:
+            raise ValueError("the secure model does not support " + "; ".join(refusals))
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache")
         if cache is None:
@@ -340,10 +424,18 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids of shape (batch, tokens) are required")
         if input_ids.shape[0] != 1:
-            raise ValueError(f"batch size {input_ids.shape[0]} is not supported: the secure protocol runs one sequence at a time")
+            raise ValueError(f"batch size {input_ids.shape[0]} is not supported: the secure protocol runs one sequence at a "
+                             "time (pass one prompt per call; a pipeline needs batch_size=1)")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padding (zeros in attention_mask) is not supported with batch size 1; remove the padding")
         if cache is None:
+            live = self._live_cache() if self._live_cache is not None else None
+            if live is not None and live.get_seq_length():
+                raise RuntimeError(
+                    f"this model's EncryptedCache holds a conversation of {live.get_seq_length()} tokens that a call "
+                    "without cache= would discard (the server keeps one cache per session): pass cache=... to "
+                    "continue it, or call cache.reset() first to start over"
+                )
             cache = EncryptedCache(self)  # a plain forward call: a fresh conversation, not kept
         if cache.get_seq_length() != self.session.n_tokens:
             raise RuntimeError(

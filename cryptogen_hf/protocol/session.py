@@ -18,7 +18,8 @@ Handshake, with the client's own worker, before any expensive work:
 
     client -> server  hello    {protocol, he params, fixed point, dealer}
     server -> client  welcome  {session id, model shape (and a name only if
-                      the operator announces one)}
+                      the operator announces one), special token ids and
+                      generation defaults}
                       or error naming the mismatch (then the worker exits)
     client -> server  he_bundle  public + relinearization + Galois keys only
     both              join CrypTen on the same connection; with dealer "none"
@@ -259,7 +260,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
         channel.send("error", f"handshake refused: {exc}".encode())
         raise
     session_id = secrets.token_hex(16)  # 128 bits from the OS CSPRNG: unguessable
-    welcome = {"session": session_id, "shape": hosted.shape.to_dict()}
+    welcome = {"session": session_id, "shape": hosted.shape.to_dict(), "generation": hosted.generation}
     channel.send("welcome", json.dumps(welcome).encode())
 
     policy = PrefillLayoutPolicy(hosted.shape, hosted.he_params, hello["prefill_layout"])
@@ -374,6 +375,7 @@ class ClientSession:
         welcome = _json(payload)
         self.session_id = welcome["session"]
         self.shape = ModelShape.from_dict(welcome["shape"])
+        self.generation = welcome.get("generation", {})  # the server's public decoding defaults (server/serve.py)
         he_params = he_params_from(self.config)
         self.plans = GPT2Plans(self.shape, he_params)
         self.policy = PrefillLayoutPolicy(self.shape, he_params, self.config.cache.prefill_layout)
@@ -426,7 +428,7 @@ class ClientSession:
                 return None
             return self.runner.reveal_to_client(logits, self.config.mpc.reveal)
         except Exception as exc:
-            # A gloo error from a dead or silent server becomes a PeerError naming it.
+            # A dead or silent server becomes a PeerError naming it.
             raise runtime.translate_peer_error(exc) from exc
 
     def prepare_correlations(self, tokens: int) -> bool:

@@ -47,6 +47,9 @@ class HostedModel:
     plans: GPT2Plans
     fixed_point: object
     encoded: EncodedGPT2
+    # Public decoding metadata for the handshake: special token ids and the
+    # checkpoint's generation defaults (generation_config.json).
+    generation: dict
 
 
 def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress: bool = True) -> HostedModel:
@@ -56,7 +59,7 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
     if not path.exists():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     hf_config = AutoConfig.from_pretrained(path)
-    check_supported(hf_config)  # before loading weights: a clear error for other architectures
+    check_supported(hf_config, he_params_from(config).row_size)  # before loading weights: a clear error for other architectures
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -79,7 +82,31 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
     bar = tqdm(total=2 + 4 * shape.n_layer, desc="encoding weights", unit="matrix", disable=not progress)
     encoded = EncodedGPT2(prepared, plans, PlaintextEncoder(he_params), fixed_point, progress=bar.update)
     bar.close()
-    return HostedModel(shape, he_params, plans, fixed_point, encoded)
+    return HostedModel(shape, he_params, plans, fixed_point, encoded, generation_metadata(path))
+
+
+# Generation defaults a client may take from the server: the decoding options
+# of generation_config.json that are plain numbers or flags (nothing else
+# about the checkpoint goes into the handshake).
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p",
+                   "repetition_penalty", "max_new_tokens", "max_length", "no_repeat_ngram_size")
+
+
+def generation_metadata(path: Path) -> dict:
+    """The checkpoint's generation defaults as HF loads them (generation_config.json,
+    else derived from config.json), restricted to GENERATION_KEYS."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
+    values = generation.to_diff_dict()
+
+    def plain(value) -> bool:
+        return isinstance(value, (int, float, bool)) or (isinstance(value, list) and all(isinstance(v, int) for v in value))
+
+    return {k: values[k] for k in GENERATION_KEYS if k in values and plain(values[k])}
 
 
 # A session worker's memory beyond the shared, encoded weights: its HE keys,

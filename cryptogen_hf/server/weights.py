@@ -73,8 +73,14 @@ class PreparedGPT2:
         return self.n_embd // self.n_head
 
 
-def check_supported(config) -> None:
-    """Raise UnsupportedArchitectureError naming what is not supported."""
+def check_supported(config, row_size: int | None = None) -> None:
+    """Raise UnsupportedArchitectureError naming what is not supported, from the
+    config alone (before any weight is read). ``row_size``: the HE row (half
+    the ring dimension; default: the default parameters')."""
+    if row_size is None:
+        from ..he.params import HEParams
+
+        row_size = HEParams().row_size
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -87,6 +93,17 @@ def check_supported(config) -> None:
         raise UnsupportedArchitectureError("cross-attention GPT-2 variants are not supported")
     if config.n_embd % config.n_head:
         raise UnsupportedArchitectureError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    inner = getattr(config, "n_inner", None) or 4 * config.n_embd
+    if inner != 4 * config.n_embd:
+        raise UnsupportedArchitectureError(f"an MLP width n_inner={inner} other than 4 x n_embd={4 * config.n_embd} is not supported")
+    if inner > row_size:
+        raise UnsupportedArchitectureError(
+            f"n_embd={config.n_embd} is too wide: the MLP's {inner} inputs exceed the HE row of {row_size} slots "
+            f"(GPT-2 small and medium fit; large and XL do not yet)"
+        )
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
+        raise UnsupportedArchitectureError("attention scaled other than by 1/sqrt(head_dim) (scale_attn_by_inverse_layer_idx, "
+                                           "scale_attn_weights=False) is not supported")
 
 
 def _fold_layernorm(ln, linear_weight, linear_bias) -> Linear:

@@ -1,0 +1,127 @@
+"""generate() as a transformers user calls it: every option is right or refused by name.
+
+Most checks run the model on a PLAINTEXT stand-in for the session
+(tests/plaintext_standin.py: HF plumbing only, nothing secure); the last ones
+go through a real server over TLS.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import start_server, stop_server
+from plaintext_standin import PlaintextStandInSession
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+import cryptogen_hf  # noqa: F401  (registers the secure model with the Auto classes)
+from cryptogen_hf.config import CryptoGenConfig, MPCSettings
+from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
+from cryptogen_hf.server.weights import UnsupportedArchitectureError, check_supported
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    """A tiny GPT-2 whose EOS is 7 (not GPT-2's 50256) and with a generation_config.json."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, bos_token_id=7, eos_token_id=7)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(tmp_path)
+    GenerationConfig(bos_token_id=7, eos_token_id=7, pad_token_id=7, max_new_tokens=5).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _standin_model(checkpoint, **settings):
+    return CryptoGenForCausalLM.from_session(PlaintextStandInSession(checkpoint, CryptoGenConfig(**settings)))
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"use_cache": False}, "use_cache=False"),
+    ({"num_beams": 2}, "num_beams=2"),
+    ({"num_return_sequences": 2, "do_sample": True}, "num_return_sequences=2"),
+    ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions=True"),
+    ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states=True"),
+])
+def test_options_the_secure_model_cannot_honour_are_refused_by_name_before_any_work(checkpoint, options, named):
+    model = _standin_model(checkpoint)
+    with pytest.raises(ValueError, match=f"does not support {named}"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, **options)
+    assert model.session.passes == []  # refused before the first pass
+
+
+def test_sampling_with_token_only_reveal_is_refused_and_greedy_works(checkpoint):
+    model = _standin_model(checkpoint, mpc=MPCSettings(reveal="token"))
+    with pytest.raises(ValueError, match="do_sample=True with mpc.reveal: token"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=True, temperature=0.7)
+    greedy = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    assert greedy.tolist() == plain.tolist()
+
+
+def test_generation_metadata_comes_from_the_checkpoint(checkpoint):
+    model = _standin_model(checkpoint)
+    assert (model.config.eos_token_id, model.config.bos_token_id) == (7, 7)
+    assert model.generation_config.eos_token_id == 7 and model.generation_config.max_new_tokens == 5
+    out = model.generate(torch.tensor([[1, 2, 3]]), do_sample=False)  # max_new_tokens=5 from generation_config.json
+    plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(torch.tensor([[1, 2, 3]]), do_sample=False)
+    assert out.tolist() == plain.tolist() and plain.shape[1] <= 3 + 5
+
+
+def test_the_cache_handle_cannot_be_copied_and_a_plain_call_does_not_discard_a_conversation(checkpoint):
+    model = _standin_model(checkpoint)
+    cache = EncryptedCache(model)
+    model.generate(torch.tensor([[1, 2, 3]]), cache=cache, max_new_tokens=2, do_sample=False)
+    with pytest.raises(TypeError, match="cannot be copied.*cache.crop"):
+        copy.deepcopy(cache)
+    with pytest.raises(RuntimeError, match="holds a conversation of 4 tokens"):
+        model(torch.tensor([[5, 6]]))
+    assert model.session.n_tokens == 4  # the conversation is intact
+    cache.reset()
+    assert model(torch.tensor([[5, 6]])).logits.shape == (1, 2, 64)
+    del cache
+    model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, do_sample=False)  # a new conversation, its cache dropped
+    assert model(torch.tensor([[5]])).logits.shape == (1, 1, 64)
+
+
+def test_batches_name_the_fix(checkpoint):
+    model = _standin_model(checkpoint)
+    with pytest.raises(ValueError, match="batch size 2 is not supported.*batch_size=1"):
+        model.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"n_embd": 1280, "n_head": 20}, "exceed the HE row of 4096 slots"),  # GPT-2 large
+    ({"n_inner": 100}, "n_inner=100"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+])
+def test_unsupported_gpt2_variants_are_refused_by_name_from_the_config(change, named):
+    with pytest.raises(UnsupportedArchitectureError, match=named):
+        check_supported(GPT2Config(**{"n_layer": 1, "n_embd": 64, "n_head": 2, **change}))
+
+
+@pytest.mark.timeout(300)
+def test_remote_model_uses_the_servers_metadata_and_save_pretrained_loads_through_automodel(checkpoint, tmp_path):
+    proc, live = start_server(checkpoint)
+    try:
+        model = CryptoGenForCausalLM.from_pretrained(**live.client_kwargs())  # no local path at all
+        try:
+            assert model.config.eos_token_id == 7 and model.generation_config.max_new_tokens == 5
+            ids = torch.tensor([[1, 2, 3]])
+            secure = model.generate(ids, do_sample=False)
+            model.save_pretrained(tmp_path / "secure")
+        finally:
+            model.close()
+        plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(ids, do_sample=False)
+        assert secure.tolist() == plain.tolist()
+        saved = json.loads((tmp_path / "secure" / "config.json").read_text())
+        assert saved["model_type"] == "cryptogen-gpt2" and saved["cryptogen"]["server"] == live.address
+        assert live.tokens["alice"] not in (tmp_path / "secure" / "config.json").read_text()  # no token is written
+        assert not list((tmp_path / "secure").glob("*.safetensors"))
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "secure", server_token=live.tokens["alice"])
+        try:
+            assert isinstance(again, CryptoGenForCausalLM)
+            assert again.generate(ids, do_sample=False).tolist() == plain.tolist()
+        finally:
+            again.close()
+    finally:
+        stop_server(proc)
