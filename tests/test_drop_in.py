@@ -14,7 +14,6 @@ from conftest import start_server, stop_server
 from plaintext_standin import PlaintextStandInSession
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-import cryptogen_hf  # noqa: F401  (registers the secure model with the Auto classes)
 from cryptogen_hf.config import CryptoGenConfig, MPCSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.server.weights import UnsupportedArchitectureError, check_supported

@@ -252,8 +252,11 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         settings = load_config(settings)
         # What AutoModelForCausalLM.from_pretrained passes along (hub options: nothing is downloaded).
         ignored = {"dtype", "torch_dtype", "device_map", "low_cpu_mem_usage", "trust_remote_code", "config",
-                   "cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token"}
+                   "cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+                   "adapter_kwargs"}
         unused = set(kwargs) - ignored
+        if kwargs.get("adapter_kwargs"):
+            raise ValueError("adapters (PEFT) are not supported: merge the adapter into the checkpoint and serve that")
         if unused:
             raise TypeError(f"unsupported from_pretrained arguments for a secure model: {sorted(unused)}")
         handle = _read_secure_handle(pretrained_model_name_or_path)
