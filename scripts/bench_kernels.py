@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from cryptogen_hf.mpc.runtime import CLIENT, DEALER_MODES, SERVER, MPCConfig, free_port, launch_local, rank_of  # noqa: E402
+from cryptogen_hf.mpc.runtime import CLIENT, DEALER_MODES, SERVER, MPCConfig, launch_local, rank_of  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("he", "mpc", "convert")
@@ -344,7 +344,9 @@ def _measured(comm, fn, channel=None):
     result = fn()
     dt = time.perf_counter() - t0
     stats = dict(comm.get_communication_stats(), correlation_s=_correlation_seconds() - c0)
-    ch = None if channel is None else {"bytes": channel.stats.bytes_sent, "messages": channel.stats.messages_sent}
+    # The protocol's own messages (CrypTen's share the connection as kind "mpc", counted in stats).
+    ch = None if channel is None else {"bytes": channel.stats.bytes_sent - channel.stats.bytes_sent_by_kind.get("mpc", 0),
+                                       "messages": channel.stats.messages_sent}
     return dt, result, stats, ch
 
 
@@ -435,7 +437,7 @@ def _conversion_helpers():
     return module
 
 
-def convert_program(role, channel_port, sizes, repeats, progress=None):
+def convert_program(role, sizes, repeats, progress=None):
     """shares_to_he into a decode matvec's input layout (n x 768) and he_to_shares out of
     its output layout (768 x n), n values each, `repeats` times."""
     from cryptogen_hf.he import DecodeMatvecPlan
@@ -444,7 +446,7 @@ def convert_program(role, channel_port, sizes, repeats, progress=None):
 
     crypten, comm = _crypten_comm()
     helpers = _conversion_helpers()
-    party = helpers._open_party(role, channel_port, None)
+    party = helpers._open_party(role)
     he, p = party.he, party.he.p
     rows = []
     for n in sizes:
@@ -484,7 +486,7 @@ def convert_program(role, channel_port, sizes, repeats, progress=None):
 def run_convert(sizes, repeats, bar, dealer="ttp") -> list[dict]:
     bar.set_description("convert: starting")
     config = MPCConfig(dealer=dealer, timeout_s=300)
-    res = _launch_with_progress(convert_program, config, (free_port(), sizes, repeats), bar, "convert")
+    res = _launch_with_progress(convert_program, config, (sizes, repeats), bar, "convert")
     rows = []
     for s, c in zip(res[SERVER], res[CLIENT]):
         r = row("convert", f"{s['direction']} (MatvecIO) [{dealer}]", f"{s['n']} values",
