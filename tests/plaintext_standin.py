@@ -30,12 +30,13 @@ class PlaintextStandInSession:
         self.generation = generation_metadata(Path(checkpoint))
         self.tokens: list[int] = []
         self.passes: list[int] = []  # tokens per forward pass, as the server would run them
+        self.temperatures: list = []  # reveal: token: the sampling temperature asked at each pass (None: argmax)
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
 
-    def forward(self, token_ids, logits_for):
+    def forward(self, token_ids, logits_for, temperature=None):
         if self.n_tokens + len(token_ids) > self.shape.n_positions:
             raise ValueError("exceeds the model's context")
         self.passes.append(len(token_ids))
@@ -44,8 +45,10 @@ class PlaintextStandInSession:
             logits = self.model(torch.tensor([self.tokens])).logits[0, -len(token_ids):].double()
         logits = logits[torch.tensor(logits_for)]
         if self.config.mpc.reveal == "token":
+            self.temperatures.append(temperature)
+            chosen = logits.argmax(-1) if temperature is None else torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
             rows = torch.full_like(logits, float("-inf"))
-            rows[torch.arange(len(rows)), logits.argmax(-1)] = 0.0
+            rows[torch.arange(len(rows)), chosen] = 0.0
             return rows
         return logits
 

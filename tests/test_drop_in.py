@@ -48,12 +48,19 @@ def test_options_the_secure_model_cannot_honour_are_refused_by_name_before_any_w
     assert model.session.passes == []  # refused before the first pass
 
 
-def test_sampling_with_token_only_reveal_is_refused_and_greedy_works(checkpoint):
+def test_token_only_reveal_samples_inside_mpc_and_refuses_processors_that_need_logits(checkpoint):
     model = _standin_model(checkpoint, mpc=MPCSettings(reveal="token"))
-    with pytest.raises(ValueError, match="do_sample=True with mpc.reveal: token"):
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=True, temperature=0.7)
-    greedy = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
-    plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"\['TopKLogitsWarper'\] cannot run.*top_k=0"):
+        model.generate(ids, max_new_tokens=2, do_sample=True, temperature=0.7)  # transformers' top_k=50
+    with pytest.raises(ValueError, match="RepetitionPenaltyLogitsProcessor"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, repetition_penalty=1.3)
+    assert model.session.passes == []
+    out = model.generate(ids, max_new_tokens=3, do_sample=True, top_k=0, temperature=0.7)
+    assert model.session.temperatures == [0.7, 0.7, 0.7] and out.shape == (1, 6)  # the draw was asked of the session
+    greedy = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert model.session.temperatures[3:] == [None, None]  # and greedy again after it
+    plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(ids, max_new_tokens=2, do_sample=False)
     assert greedy.tolist() == plain.tolist()
 
 

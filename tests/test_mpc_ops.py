@@ -135,7 +135,29 @@ def main_program(role):
     out["ln_scale"] = scale
     run("layer_norm", lambda z: ops.layer_norm(z, eps=1e-5, pre_scale=scale), x)
     run("layer_norm_n01", lambda z: ops.layer_norm(z, eps=1e-5), torch.randn(4, 192, generator=g))
+    # Sampling inside MPC: the jointly random u and the drawn index, opened here
+    # (to both, for the test) so the test can redo the draw in the clear.
+    draws = []
+    for row, temperature in zip(sampling_logits(), SAMPLING_TEMPERATURES):
+        u = ops.joint_uniform(rank_of("server"), rank_of("client"))
+        index = ops.inverse_cdf_index(_share_from(crypten, role, "client", row) * (1.0 / temperature), u)
+        draws.append((float(u.get_plain_text()), float(index.get_plain_text())))
+    out["samples"] = draws
     return out
+
+
+SAMPLING_TEMPERATURES = (0.25, 0.7, 1.0, 1.0, 1.5, 4.0) * 3
+
+
+def sampling_logits() -> list[torch.Tensor]:
+    """Logits rows like a small LM's (vocabulary 300, a few likely tokens), one per draw."""
+    g = torch.Generator().manual_seed(99)
+    rows = []
+    for _ in SAMPLING_TEMPERATURES:
+        row = torch.randn(300, generator=g) * 2.0
+        row[torch.randint(0, 300, (5,), generator=g)] += 6.0
+        rows.append(row)
+    return rows
 
 
 def _attack_secret() -> torch.Tensor:
@@ -216,6 +238,20 @@ def hanging_client_program(role):
         time.sleep(8)  # alive but silent, longer than the 3 s timeout
         return None
     return _time_peer_failure(x)
+
+
+def test_sampling_inside_mpc_draws_the_inverse_cdf_index_of_a_joint_uniform(run):
+    for (u, index), row, temperature in zip(run["client"]["samples"], sampling_logits(), SAMPLING_TEMPERATURES):
+        assert 0.0 <= u < 1.0
+        cdf = torch.softmax(row.double() / temperature, -1).cumsum(-1)
+        expected = int((cdf[:-1] < u).sum())
+        # The MPC softmax is within ~1e-3 of the exact one: an index one off is allowed
+        # only where u falls that close to a boundary of the CDF.
+        if index != expected:
+            assert abs(index - expected) == 1 and float((cdf - u).abs().min()) < 2e-3, (u, index, expected)
+        assert 0 <= index < 300
+    us = [u for u, _ in run["client"]["samples"]]
+    assert len(set(us)) == len(us) and max(us) - min(us) > 0.3  # fresh randomness for every draw
 
 
 # --------------------------------------------------------------------------

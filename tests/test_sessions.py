@@ -202,6 +202,12 @@ def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):
         assert out.sequences.tolist() == plain.tolist()
         # The client saw one finite entry per step: the token, no logits.
         assert all(int(torch.isfinite(step).sum()) == 1 for step in out.logits)
+        # Sampled inside MPC: again one token per step and nothing else.
+        drawn = model.generate(ids, max_new_tokens=2, do_sample=True, top_k=0, temperature=1.5,
+                               output_logits=True, return_dict_in_generate=True)
+        assert drawn.sequences.shape == (1, 5) and int(drawn.sequences.max()) < 300
+        assert all(int(torch.isfinite(step).sum()) == 1 for step in drawn.logits)
+        assert [int(step.argmax()) for step in drawn.logits] == drawn.sequences[0, 3:].tolist()
     finally:
         model.close()
 
@@ -246,3 +252,28 @@ def test_concurrent_sessions_are_bounded_by_memory(tiny_checkpoint):
     assert concurrent_session_limit(4, per_session, 100 * per_session) == 4
     assert concurrent_session_limit(4, per_session, 2 * per_session + 1) == 2
     assert concurrent_session_limit(4, per_session, per_session // 2) == 1  # always one
+
+
+def test_two_secure_models_in_one_process_take_turns(server, tiny_checkpoint):
+    _, live = server
+    plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    first = CryptoGenForCausalLM.from_pretrained(**live.client_kwargs())
+    try:
+        second = CryptoGenForCausalLM.from_pretrained(**live.client_kwargs())
+        try:
+            assert first.session.session_id != second.session.session_id
+            a, b = torch.tensor([[5, 17, 250]]), torch.tensor([[9, 8]])
+            cache_a, cache_b = EncryptedCache(first), EncryptedCache(second)
+            out_a = first.generate(a, cache=cache_a, max_new_tokens=2, do_sample=False)
+            out_b = second.generate(b, cache=cache_b, max_new_tokens=2, do_sample=False)
+            # Each continues its own conversation after the other ran.
+            out_a = first.generate(out_a, cache=cache_a, max_new_tokens=1, do_sample=False)
+            assert out_a.tolist() == plain.generate(a, max_new_tokens=3, do_sample=False).tolist()
+            assert out_b.tolist() == plain.generate(b, max_new_tokens=2, do_sample=False).tolist()
+        finally:
+            second.close()
+        # The first model's session is untouched by the second one's end.
+        again = first.generate(out_a, cache=cache_a, max_new_tokens=1, do_sample=False)
+        assert again.tolist() == plain.generate(a, max_new_tokens=4, do_sample=False).tolist()
+    finally:
+        first.close()

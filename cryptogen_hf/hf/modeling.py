@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.logits_process import TemperatureLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import CryptoGenConfig, load_config
@@ -228,6 +229,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         self.session = session
         self._server_process = None
         self._live_cache = None  # weak reference to the EncryptedCache of the session's conversation
+        self._sample_temperature = None  # set during a sampled generate() with reveal: token
         # PreTrainedModel infers device and dtype from parameters; the client has
         # no weights, so it carries one placeholder.
         self._device_anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
@@ -390,12 +392,38 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             if getattr(generation_config, option, False):
                 refusals.append(f"{option}=True (attention weights and hidden states exist only as secret shares; "
                                 "nobody can return them)")
-        if self.session is not None and self.session.config.mpc.reveal == "token" and generation_config.do_sample:
-            refusals.append("do_sample=True with mpc.reveal: token (the client learns only the greedy token, so "
-                            "sampling and logits processors have no logits to work on; use reveal: logits to sample)")
         if refusals:
             raise ValueError("the secure model does not support " + "; ".join(refusals))
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        # With reveal: token the token is drawn inside MPC, at this temperature
+        # (the client sees no logits to sample from).
+        self._sample_temperature = None
+        if self._reveals_token() and generation_config.do_sample:
+            self._sample_temperature = float(generation_config.temperature if generation_config.temperature is not None else 1.0)
+
+    def _reveals_token(self) -> bool:
+        return self.session is not None and self.session.config.mpc.reveal == "token"
+
+    def _get_logits_processor(self, generation_config, *args, **kwargs):
+        """With reveal: token the client never sees logits: refuse, by name, every
+        logits processor but the temperature of a sampled generate() (applied inside MPC)."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if self._reveals_token():
+            needing_logits = [type(p).__name__ for p in processors
+                              if not (generation_config.do_sample and isinstance(p, TemperatureLogitsWarper))]
+            if needing_logits:
+                raise ValueError(
+                    f"with mpc.reveal: token the client sees no logits, so {needing_logits} cannot run. To sample, "
+                    "pass top_k=0 and leave top_p at 1.0 (transformers' do_sample defaults to top_k=50): the token is "
+                    "drawn inside MPC from the whole distribution at your temperature; for anything else use reveal: logits"
+                )
+        return processors
+
+    def generate(self, *args, **kwargs):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._sample_temperature = None
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         cache = model_kwargs.get("cache")
@@ -451,7 +479,8 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(_no_new_tokens_message(cache.get_seq_length(), 0))
         keep = n if not logits_to_keep else min(int(logits_to_keep), n)
         logits_for = [i >= n - keep for i in range(n)]
-        logits = self.session.forward(tokens, logits_for)
+        sample = {} if self._sample_temperature is None else {"temperature": self._sample_temperature}
+        logits = self.session.forward(tokens, logits_for, **sample)
         cache._advance(n)
         logits = logits.to(torch.float32).unsqueeze(0)  # (1, keep, vocab)
         loss = None

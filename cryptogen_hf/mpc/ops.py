@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ import torch
 from cryptogen_hf.crypten_compat import import_crypten
 
 crypten = import_crypten()
-from crypten.config import cfg  # noqa: E402  (after the shim)
+import crypten.communicator as comm  # noqa: E402  (after the shim)
+from crypten.config import cfg  # noqa: E402
 from crypten.encoder import FixedPointEncoder  # noqa: E402
 
 from .compare import ACTIVATION_BITS, RING_BITS, ge_zero  # noqa: E402
@@ -426,6 +428,48 @@ def argmax_reveal(x, dst: int):
     one_hot = x.argmax(dim=0, one_hot=True)
     idx = (one_hot * torch.arange(x.size(0), dtype=torch.float32)).sum()
     value = idx.get_plain_text(dst=dst)
+    if value is None:
+        return None
+    return int(round(float(value)))
+
+
+# ---------------------------------------------------------------------------
+# Sampling that opens only the sampled token
+# ---------------------------------------------------------------------------
+# The softmax over a vocabulary of scaled logits: exp by the limit method on
+# x - max in [-2**10, 0] (a row of logits / temperature spans more than the
+# attention scores' 2**8).
+SAMPLE_EXP_ITERATIONS = 10
+UNIFORM_BITS = 16
+
+
+def joint_uniform(rank_server: int, rank_client: int):
+    """Shares of u uniform on [0, 1) that neither party chooses: each draws
+    its own uniform value (from the OS), u = (u_server + u_client) mod 1 by
+    one comparison. u is uniform if either party's draw is, so a client that
+    picks its value cannot steer the sample."""
+    mine = torch.tensor([int.from_bytes(os.urandom(2), "little") / 2.0**UNIFORM_BITS])
+    rank = comm.get().get_rank()
+    u_server = crypten.cryptensor(mine if rank == rank_server else torch.zeros(1), src=rank_server)
+    u_client = crypten.cryptensor(mine if rank == rank_client else torch.zeros(1), src=rank_client)
+    s = u_server + u_client  # in [0, 2)
+    return s - (s >= 1.0)
+
+
+def inverse_cdf_index(x, u):
+    """Shares of the index i drawn from softmax(x) (1-D) by the inverse CDF
+    at u: the number of cumulative probabilities below u, over all but the
+    last entry (so the index is at most len(x) - 1 however the fixed-point
+    sum rounds). Costs a softmax and len(x) - 1 comparisons."""
+    p = softmax(x, exp_iterations=SAMPLE_EXP_ITERATIONS)
+    cdf = p.cumsum(0)
+    return (cdf[:-1] < u).sum()
+
+
+def sample_reveal(x, dst: int, rank_server: int, rank_client: int):
+    """A token drawn from softmax(x), opened to rank `dst` only (the int there,
+    None at the other party); the probabilities stay shared."""
+    value = inverse_cdf_index(x, joint_uniform(rank_server, rank_client)).get_plain_text(dst=dst)
     if value is None:
         return None
     return int(round(float(value)))

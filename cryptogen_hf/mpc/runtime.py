@@ -492,6 +492,86 @@ def shutdown() -> None:
     _state.clear()
 
 
+# --------------------------------------------------------------------------
+# Several two-party sessions in one process (the client side).
+# --------------------------------------------------------------------------
+class SessionMPC:
+    """One session's CrypTen state, in a process that may hold several sessions.
+
+    CrypTen keeps its state in process globals: the communicator
+    (``DistributedCommunicator.instance``), the PRGs (``crypten.generators``),
+    the tuple provider (``cfg.mpc.provider``) and this module's ``_state``.
+    A session joins with its own of each; :meth:`activate` puts a session's
+    back in place before it runs (a no-op when it is already there), so two
+    models in one process take turns on one thread. Not for concurrent use
+    from several threads.
+    """
+
+    _installed: "SessionMPC | None" = None
+
+    def __init__(self, role: str, config: MPCConfig, channel):
+        if config.uses_ttp:
+            raise ValueError("SessionMPC is for the two-party modes (the TTP benchmark mode uses one process per party)")
+        SessionMPC._uninstall()
+        try:
+            init_party(role, config, channel)
+        except BaseException:
+            SessionMPC._uninstall()
+            raise
+        crypten = import_crypten()
+        from crypten.communicator import DistributedCommunicator
+        from crypten.config import cfg
+
+        self._communicator = DistributedCommunicator.instance
+        self._generators = {kind: dict(gens) for kind, gens in crypten.generators.items()}
+        self._provider_name = cfg.mpc.provider
+        self._provider = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"][cfg.mpc.provider]
+        self._state = dict(_state)
+        self.closed = False
+        SessionMPC._installed = self
+
+    def activate(self) -> None:
+        """Make this session's CrypTen state the process's."""
+        if self.closed:
+            raise RuntimeError("this session's MPC state is closed")
+        if SessionMPC._installed is self:
+            return
+        crypten = import_crypten()
+        from crypten.communicator import DistributedCommunicator
+        from crypten.config import cfg
+
+        DistributedCommunicator.instance = self._communicator
+        for kind, gens in self._generators.items():
+            crypten.generators[kind].clear()
+            crypten.generators[kind].update(gens)
+        vars(crypten.mpc)["__SUPPORTED_PROVIDERS"][self._provider_name] = self._provider
+        cfg.mpc.provider = self._provider_name
+        _state.clear()
+        _state.update(self._state)
+        SessionMPC._installed = self
+
+    def close(self) -> None:
+        """Leave: this session's state is dropped (another session's is untouched)."""
+        if self.closed:
+            return
+        self.activate()
+        shutdown()
+        SessionMPC._uninstall()
+        self.closed = True
+
+    @staticmethod
+    def _uninstall() -> None:
+        """Take whatever session state is installed out of CrypTen's globals (its owner keeps it)."""
+        crypten = import_crypten()
+        from crypten.communicator import DistributedCommunicator
+
+        DistributedCommunicator.instance = None
+        for gens in crypten.generators.values():
+            gens.clear()
+        _state.clear()
+        SessionMPC._installed = None
+
+
 def correlation_provider():
     """The tuple provider of the current session (CrypTen's, as configured)."""
     return import_crypten().mpc.get_default_provider()

@@ -42,7 +42,7 @@ import torch
 from ..he import DecodeMatvecPlan, InnerKVCache, OuterAttentionPlan, OuterKVCache
 from ..he.diagonal import DEFAULT_COSTS, fold_rotations
 from ..mpc import ops
-from ..mpc.runtime import CLIENT, rank_of
+from ..mpc.runtime import CLIENT, SERVER, rank_of
 from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
 from .layouts import (
     AttentionOutput,
@@ -649,14 +649,17 @@ class SecureGPT2:
         self.n_tokens = n_tokens
 
     # --------------------------------------------------------------- reveal
-    def reveal_to_client(self, logits, what: str = "logits") -> torch.Tensor | None:
+    def reveal_to_client(self, logits, what: str = "logits", temperature: float | None = None) -> torch.Tensor | None:
         """Open the logits shares (keep x vocab) to the client only; None at the server.
 
         what="logits": the float64 logits, decoded exactly from the ring
         (CrypTen's get_plain_text decodes negative values with an off-by-one
         in the divisor and through float32; logits need better than that).
-        what="token": an argmax inside MPC opens only the index; the row is 0
-        there and -inf elsewhere, so greedy decoding works unchanged.
+        what="token": only an index is opened; the row is 0 there and -inf
+        elsewhere, so generate() picks it whatever it does next. Without
+        ``temperature`` the index is the argmax (inside MPC); with it, a token
+        drawn from softmax(logits / temperature) with randomness neither party
+        chooses (``ops.sample_reveal``).
         """
         client = rank_of(CLIENT)
         if what == "logits":
@@ -668,7 +671,10 @@ class SecureGPT2:
             raise ValueError(f"unknown reveal mode {what!r}")
         rows = []
         for i in range(logits.size(0)):
-            index = ops.argmax_reveal(logits[i], dst=client)
+            if temperature is None:
+                index = ops.argmax_reveal(logits[i], dst=client)
+            else:
+                index = ops.sample_reveal(logits[i] * (1.0 / temperature), client, rank_of(SERVER), client)
             if self.party.is_client:
                 row = torch.full((self.shape.vocab_size,), float("-inf"), dtype=torch.float64)
                 row[index] = 0.0

@@ -214,7 +214,25 @@ def check_prepare_tokens(tokens, n_tokens: int, n_positions: int) -> int:
     return _check_count(tokens, 1, max(n_positions - n_tokens, 1), "prepare's token count")
 
 
-def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: bool) -> str:
+# Sampling inside MPC (reveal: token): the softmax's exp covers x - max down to
+# -2**10 (ops.SAMPLE_EXP_ITERATIONS), which logits / temperature must not pass.
+MIN_SAMPLE_TEMPERATURE = 0.25
+MAX_SAMPLE_TEMPERATURE = 100.0
+
+
+def check_temperature(temperature) -> float | None:
+    """None (greedy) or a temperature for sampling inside MPC; BadRequest otherwise."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        MIN_SAMPLE_TEMPERATURE <= temperature <= MAX_SAMPLE_TEMPERATURE
+    ):
+        raise BadRequest(f"sampling temperature must be a number in [{MIN_SAMPLE_TEMPERATURE}, {MAX_SAMPLE_TEMPERATURE}], "
+                         f"got {temperature!r}")
+    return float(temperature)
+
+
+def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: bool, reveal: str = "logits") -> str:
     """The request's op, once every field it needs is valid for a session
     holding n_tokens of n_positions; BadRequest otherwise. Both the server
     (before acting) and, through the same rules, the client's methods
@@ -227,6 +245,8 @@ def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: b
         if not isinstance(flags, list) or not all(isinstance(f, bool) for f in flags):
             raise BadRequest("forward needs logits_for, a list of true/false per token")
         _check_count(len(flags), 1, n_positions - n_tokens, "the number of tokens to run")
+        if check_temperature(request.get("temperature")) is not None and reveal != "token":
+            raise BadRequest("sampling inside MPC (temperature) is for mpc.reveal: token")
     elif op == "prepare":
         check_prepare_tokens(request.get("tokens"), n_tokens, n_positions)
     elif op == "crop":
@@ -287,7 +307,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
             try:
-                op = check_request(request, runner.n_tokens, hosted.shape.n_positions, config.server.diagnostics)
+                op = check_request(request, runner.n_tokens, hosted.shape.n_positions, config.server.diagnostics, hello["reveal"])
             except BadRequest as exc:
                 # The client's own checks make these unreachable for our client:
                 # answer, and wait for its next request (the session goes on).
@@ -298,7 +318,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                 logits = runner.step(None, request["logits_for"])
                 plan.end_pass()
                 if logits is not None:
-                    runner.reveal_to_client(logits, hello["reveal"])
+                    runner.reveal_to_client(logits, hello["reveal"], request.get("temperature"))
             elif op == "prepare":
                 plan.prepare(request["tokens"])
             elif op == "reset":
@@ -337,13 +357,15 @@ class ClientSession:
         bytes); None trusts the system's CAs. The connection is refused unless
         the server proves it holds that certificate's key for ``host``.
     token: this client's API token (protocol/credentials.py).
+
+    A process may hold several sessions (several secure models): each keeps
+    its own CrypTen state (``runtime.SessionMPC``) and puts it in place before
+    it runs. Use them from one thread at a time.
     """
 
-    _active = None  # CrypTen's communicator is per process: one session at a time
-
     def __init__(self, host: str, port: int, config: CryptoGenConfig | None = None, *, server_cert=None, token: str | None = None):
-        if ClientSession._active is not None:
-            raise RuntimeError("this process already has an open secure session; close() it first")
+        self.mpc = None
+        self.closed = False
         self.config = config or CryptoGenConfig()
         self.config.validate()
         if not token:
@@ -357,7 +379,6 @@ class ClientSession:
         except BaseException:
             self._teardown()
             raise
-        ClientSession._active = self
 
     def _authenticate(self, token: str):
         self.channel.send("auth", json.dumps({"token": token}).encode())
@@ -386,7 +407,7 @@ class ClientSession:
         self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim, steps)
         self.channel.send("he_bundle", self.he.public_bundle(steps))
 
-        runtime.init_party(CLIENT, _mpc_config(self.config), self.channel)
+        self.mpc = runtime.SessionMPC(CLIENT, _mpc_config(self.config), self.channel)
         self.party = Party(CLIENT, self.channel, self.he)
         self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
         self.plan = CorrelationPlan()
@@ -396,16 +417,19 @@ class ClientSession:
         """Send a request the server will accept (the same rules, checked here
         first: a refused request must not leave the two sides out of step).
         Whether benchmark operations are on is for the server to say."""
-        check_request(request, self.runner.n_tokens, self.shape.n_positions, diagnostics=True)
+        check_request(request, self.runner.n_tokens, self.shape.n_positions, diagnostics=True, reveal=self.config.mpc.reveal)
         self.channel.send("request", json.dumps(request).encode())
 
-    def forward(self, token_ids: list[int], logits_for: list[bool]):
+    def forward(self, token_ids: list[int], logits_for: list[bool], temperature: float | None = None):
         """Run ``token_ids`` through the secure model in one pass.
 
         Returns float64 logits (n_flagged x vocab) for the flagged positions (a
-        suffix), or None if none is flagged. With ``mpc.reveal: token`` only the
-        argmax is opened: the row is 0 at that token and -inf elsewhere.
+        suffix), or None if none is flagged. With ``mpc.reveal: token`` only a
+        token is opened: the row is 0 at that token and -inf elsewhere; the
+        argmax, or with ``temperature`` a token drawn from
+        softmax(logits / temperature) inside MPC.
         """
+        temperature = check_temperature(temperature)
         if len(token_ids) != len(logits_for):
             raise ValueError("token_ids and logits_for differ in length")
         if not token_ids:
@@ -419,14 +443,15 @@ class ClientSession:
             if not 0 <= int(tok) < self.shape.vocab_size:
                 raise ValueError(f"token id {tok} outside the vocabulary (0..{self.shape.vocab_size - 1})")
         flags = [bool(w) for w in logits_for]
-        self._request(op="forward", logits_for=flags)
+        self.mpc.activate()
+        self._request(op="forward", logits_for=flags, **({} if temperature is None else {"temperature": temperature}))
         try:
             self.plan.start_pass(len(flags))
             logits = self.runner.step([int(t) for t in token_ids], flags)
             self.plan.end_pass()
             if logits is None:
                 return None
-            return self.runner.reveal_to_client(logits, self.config.mpc.reveal)
+            return self.runner.reveal_to_client(logits, self.config.mpc.reveal, temperature)
         except Exception as exc:
             # A dead or silent server becomes a PeerError naming it.
             raise runtime.translate_peer_error(exc) from exc
@@ -438,6 +463,7 @@ class ClientSession:
         and does nothing, before the first one). Costs what those tokens'
         offline phase would have cost."""
         tokens = check_prepare_tokens(tokens, self.runner.n_tokens, self.shape.n_positions)
+        self.mpc.activate()
         self._request(op="prepare", tokens=tokens)
         try:
             return self.plan.prepare(tokens)
@@ -456,6 +482,7 @@ class ClientSession:
         """Keep the first n_tokens of the encrypted cache (nothing is decrypted)."""
         if not 0 <= n_tokens <= self.runner.n_tokens:
             raise ValueError(f"cannot crop a cache of {self.runner.n_tokens} tokens to {n_tokens}")
+        self.mpc.activate()
         self._request(op="crop", length=int(n_tokens))
         self.runner.crop(n_tokens)
 
@@ -465,6 +492,7 @@ class ClientSession:
         timed at a long context without running a prefill."""
         if self.runner.n_tokens:
             raise ValueError("fill_for_benchmark needs an empty cache: reset() first")
+        self.mpc.activate()
         self._request(op="fill_for_benchmark", length=int(n_tokens))
         try:
             self.channel.recv_payload("fill.ack")
@@ -475,6 +503,7 @@ class ClientSession:
     def correlation_stats(self) -> dict:
         """This client's account of the correlated randomness made so far (dealer "none"):
         seconds spent, correlations made, by kind; {} in other modes."""
+        self.mpc.activate()
         return dict(getattr(runtime.correlation_provider(), "stats", {}))
 
     def stats(self) -> dict:
@@ -483,18 +512,19 @@ class ClientSession:
         return _json(self.channel.recv_payload("stats"))
 
     def close(self):
-        if ClientSession._active is self:
-            try:
-                self._request(op="close")
-            except transport.TransportError:
-                pass
+        if self.closed:
+            return
+        try:
+            self._request(op="close")
+        except transport.TransportError:
+            pass
         self._teardown()
 
     def _teardown(self):
-        try:
-            runtime.shutdown()
-        except Exception as exc:  # noqa: BLE001 (closing; the peer may be gone)
-            log.info("closing MPC session: %s", exc)
+        self.closed = True
+        if self.mpc is not None:
+            try:
+                self.mpc.close()
+            except Exception as exc:  # noqa: BLE001 (closing; the peer may be gone)
+                log.info("closing MPC session: %s", exc)
         self.channel.close()
-        if ClientSession._active is self:
-            ClientSession._active = None
