@@ -86,7 +86,17 @@ def _conversion_session(role):
             return slots
 
         party.he.decrypt = recording_decrypt
-        party.channel.recorder = lambda kind, payload: seen_to_he.append(payload) if kind == "to_he.masked_share" else None
+        # Recorded as the protocol code receives them (the channel may have read
+        # a message earlier, while it waited for another).
+        original_recv = party.channel.recv
+
+        def recording_recv(expect_kind=None, timeout_s=None):
+            kind, payload = original_recv(expect_kind, timeout_s)
+            if kind == "to_he.masked_share":
+                seen_to_he.append(payload)
+            return kind, payload
+
+        party.channel.recv = recording_recv
     secrets = []
     for trial in range(N_TRIALS):
         v = torch.linspace(-50, 50, N_VALUES) * (trial % 2)  # alternates: zeros, a ramp

@@ -26,7 +26,7 @@ def checkpoint(tmp_path):
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, bos_token_id=7, eos_token_id=7)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(tmp_path)
-    GenerationConfig(bos_token_id=7, eos_token_id=7, pad_token_id=7, max_new_tokens=5).save_pretrained(tmp_path)
+    GenerationConfig(bos_token_id=7, eos_token_id=7, pad_token_id=7, max_new_tokens=3).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -67,10 +67,10 @@ def test_token_only_reveal_samples_inside_mpc_and_refuses_processors_that_need_l
 def test_generation_metadata_comes_from_the_checkpoint(checkpoint):
     model = _standin_model(checkpoint)
     assert (model.config.eos_token_id, model.config.bos_token_id) == (7, 7)
-    assert model.generation_config.eos_token_id == 7 and model.generation_config.max_new_tokens == 5
-    out = model.generate(torch.tensor([[1, 2, 3]]), do_sample=False)  # max_new_tokens=5 from generation_config.json
+    assert model.generation_config.eos_token_id == 7 and model.generation_config.max_new_tokens == 3
+    out = model.generate(torch.tensor([[1, 2, 3]]), do_sample=False)  # max_new_tokens=3 from generation_config.json
     plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(torch.tensor([[1, 2, 3]]), do_sample=False)
-    assert out.tolist() == plain.tolist() and plain.shape[1] <= 3 + 5
+    assert out.tolist() == plain.tolist() and plain.shape[1] <= 3 + 3
 
 
 def test_the_cache_handle_cannot_be_copied_and_a_plain_call_does_not_discard_a_conversation(checkpoint):
@@ -111,7 +111,7 @@ def test_remote_model_uses_the_servers_metadata_and_save_pretrained_loads_throug
     try:
         model = CryptoGenForCausalLM.from_pretrained(**live.client_kwargs())  # no local path at all
         try:
-            assert model.config.eos_token_id == 7 and model.generation_config.max_new_tokens == 5
+            assert model.config.eos_token_id == 7 and model.generation_config.max_new_tokens == 3
             ids = torch.tensor([[1, 2, 3]])
             secure = model.generate(ids, do_sample=False)
             model.save_pretrained(tmp_path / "secure")

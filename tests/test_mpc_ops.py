@@ -241,15 +241,18 @@ def hanging_client_program(role):
 
 
 def test_sampling_inside_mpc_draws_the_inverse_cdf_index_of_a_joint_uniform(run):
+    exact = 0
     for (u, index), row, temperature in zip(run["client"]["samples"], sampling_logits(), SAMPLING_TEMPERATURES):
         assert 0.0 <= u < 1.0
+        index = int(index)
         cdf = torch.softmax(row.double() / temperature, -1).cumsum(-1)
-        expected = int((cdf[:-1] < u).sum())
-        # The MPC softmax is within ~1e-3 of the exact one: an index one off is allowed
-        # only where u falls that close to a boundary of the CDF.
-        if index != expected:
-            assert abs(index - expected) == 1 and float((cdf - u).abs().min()) < 2e-3, (u, index, expected)
-        assert 0 <= index < 300
+        exact += index == int((cdf[:-1] < u).sum())
+        # The drawn token's interval of the exact CDF holds u, up to the MPC
+        # softmax's error (~1e-3): a token next to the exact one only where u
+        # falls that close to the boundary between them.
+        low = float(cdf[index - 1]) if index > 0 else 0.0
+        assert low - 2e-3 <= u <= float(cdf[index]) + 2e-3, (u, index, low, float(cdf[index]))
+    assert exact >= len(SAMPLING_TEMPERATURES) - 3  # off only near a boundary
     us = [u for u, _ in run["client"]["samples"]]
     assert len(set(us)) == len(us) and max(us) - min(us) > 0.3  # fresh randomness for every draw
 

@@ -111,8 +111,9 @@ class Channel:
         self.peer_name = peer_name
         self.timeout_s = float(timeout_s)
         self.stats = ChannelStats()
-        # recorder(kind, payload) is called on every received message; the
-        # transcript-audit tests use it to inspect every byte a party receives.
+        # recorder(kind, payload) is called on every message as it arrives (also
+        # one read ahead while another stream was awaited); the transcript-audit
+        # tests use it to inspect every byte a party receives.
         self.recorder = recorder
         # kind -> the longest payload accepted for it (others: MAX_PAYLOAD_BYTES).
         self.limits: dict[str, int] = {"error": MAX_ERROR_BYTES}
