@@ -147,6 +147,14 @@ def fix_tokenizer_files(out):
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def placeholder_bans(hf_tok) -> list[list[int]]:
+    """bad_words_ids for the generation config: the tokens that open WikiText's
+    `<unk>` placeholder ("<" and " <"). The model learns the placeholder as
+    text (11,718 times in valid.txt; "<" occurs 3 times otherwise), and
+    generate() would write it; banning its first token keeps it out."""
+    return [[ids[0]] for ids in sorted({tuple(hf_tok(s).input_ids) for s in ("<unk>", " <unk>")})]
+
+
 def encode_texts(hf_tok, texts):
     """Tokenize each text and join them with <|endoftext|>, as GPT-2 joins documents."""
     eot_id = hf_tok.convert_tokens_to_ids(EOT)
@@ -232,7 +240,9 @@ Training text (the last {args.val_fraction:.0%} of each file held out for valida
 WikiText-2 is the PyTorch word-language-model version (`<unk>` for rare words,
 ` @-@ ` for hyphens). No test split was used for training or tokenizer fitting.
 Train tokens: {info['n_train_tokens']:,}; validation tokens: {info['n_val_tokens']:,}
-(documents joined with `<|endoftext|>`).
+(documents joined with `<|endoftext|>`). The model learns the `<unk>`
+placeholder as text; `generation_config.json` bans the tokens that open it
+(`bad_words_ids`: "<" and " <"), so `generate()` does not write it.
 
 ## Tokenizer
 
@@ -408,6 +418,7 @@ def main(argv=None):
     model.generation_config.bos_token_id = eot_id
     model.generation_config.eos_token_id = eot_id
     model.generation_config.pad_token_id = eot_id  # silences generate()'s pad warning
+    model.generation_config.bad_words_ids = placeholder_bans(hf_tok)
     model.save_pretrained(args.out, safe_serialization=True)
     hf_tok.save_pretrained(args.out)
     fix_tokenizer_files(args.out)

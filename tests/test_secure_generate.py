@@ -1,9 +1,11 @@
-"""generate() through the secure protocol on the shipped model, against plaintext.
+"""generate() through the secure protocol, against plaintext.
 
-One secure session for the module, in the default mode (two parties, no
-dealer): the server is a real `cryptogen serve` child process (it alone loads
-the weights) and this test process is the client. Every check compares with the plaintext
-HF model.
+The fidelity test runs the shipped model in two client processes of their
+own. The other tests share one secure session on a small random GPT-2 with the
+shipped tokenizer (2 layers, width 64: the HF plumbing costs the same, each
+token less), in the default mode (two parties, no dealer): the server is a
+real `cryptogen serve` child process (it alone loads the weights) and this
+test process is the client. Every check compares with the plaintext HF model.
 """
 
 import io
@@ -13,21 +15,23 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextStreamer, pipeline
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 
-# Prompts whose greedy continuation (12 tokens, of which the test runs 8) has no near-tie in plaintext: the
-# top-2 logit gap is >= 0.08 at every step (several other natural prompts have gaps
-# of 0.002-0.03, where identical tokens would be luck at our logit error of ~0.03).
+# Prompts whose greedy continuation (8 tokens, of which the test runs 4; "<" is banned by the
+# checkpoint's generation_config.json) has no near-tie in plaintext: the top-2 logit gap
+# among allowed tokens is >= 0.1 at every step (other natural prompts have gaps of
+# 0.002-0.03, e.g. "After the war , the", where identical tokens would be luck at our
+# logit error of ~0.03).
 PROMPTS = [
     "The history of the city",
     "He was born in",
-    "After the war , the",
+    "The city was",
     "The team won",
 ]
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +40,31 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def plain_model():
+def shipped_plain():
     return AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL_DIR).eval()
 
 
 @pytest.fixture(scope="module")
-def secure_model():
-    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR)
+def small_checkpoint(tmp_path_factory, tokenizer):
+    """A 2-layer random GPT-2 with the shipped tokenizer (initializer_range 0.2
+    spreads its logits, so sampling and greedy choices are far from ties)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small-gpt2")
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=len(tokenizer),
+                        bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    GPT2LMHeadModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_model(small_checkpoint):
+    return AutoModelForCausalLM.from_pretrained(small_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def secure_model(small_checkpoint):
+    model = CryptoGenForCausalLM.from_pretrained(small_checkpoint)
     yield model
     model.close()
 
@@ -72,8 +94,8 @@ def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
     return results
 
 
-@pytest.mark.timeout(1800)  # 4 prompts x 6 tokens at seconds per token
-def test_greedy_generation_is_token_identical_to_plaintext(plain_model):
+@pytest.mark.timeout(1800)  # 4 prompts x 4 tokens at seconds per token
+def test_greedy_generation_is_token_identical_to_plaintext(shipped_plain):
     # Two concurrent client processes, each with its own session (own keys,
     # own server worker), prompts split between them.
     ctx = multiprocessing.get_context("spawn")
@@ -84,13 +106,17 @@ def test_greedy_generation_is_token_identical_to_plaintext(plain_model):
     report = []
     for prompt in PROMPTS:
         ids, sequences = results[prompt]["ids"], results[prompt]["sequences"]
-        plain = _plain_greedy(plain_model, ids, NEW_TOKENS)
+        plain = _plain_greedy(shipped_plain, ids, NEW_TOKENS)
         assert sequences.tolist() == plain.tolist(), f"prompt {prompt!r} diverged"
         # Logit error at every step, against the plaintext logits of the same sequence.
         with torch.no_grad():
-            reference = plain_model(sequences).logits[0, ids.shape[1] - 1 : -1]
+            reference = shipped_plain(sequences).logits[0, ids.shape[1] - 1 : -1]
         errors = (results[prompt]["logits"] - reference).abs().amax(dim=-1)
-        top2 = reference.topk(2, dim=-1).values
+        allowed = reference.clone()  # the tokens generate() may pick: the checkpoint bans some
+        for word in shipped_plain.generation_config.bad_words_ids or []:
+            if len(word) == 1:
+                allowed[:, word[0]] = float("-inf")
+        top2 = allowed.topk(2, dim=-1).values
         gaps = top2[:, 0] - top2[:, 1]
         report.append({"prompt": prompt, "max_abs_logit_error_per_step": [round(e, 5) for e in errors.tolist()],
                        "plaintext_top2_gap_per_step": [round(g, 4) for g in gaps.tolist()]})

@@ -140,6 +140,22 @@ class EncryptedCache(Cache):
         return f"EncryptedCache(tokens={self.get_seq_length()}, layers={len(self.layers)})"
 
 
+# The generate() option behind each logits processor transformers adds (for error messages).
+_PROCESSOR_OPTIONS = {
+    "TopKLogitsWarper": "top_k",
+    "TopPLogitsWarper": "top_p",
+    "MinPLogitsWarper": "min_p",
+    "TypicalLogitsWarper": "typical_p",
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "NoBadWordsLogitsProcessor": "bad_words_ids",
+    "MinLengthLogitsProcessor": "min_length",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+    "SuppressTokensLogitsProcessor": "suppress_tokens",
+    "SequenceBiasLogitsProcessor": "sequence_bias",
+}
+
+
 def _read_secure_handle(path) -> dict | None:
     """The ``cryptogen`` section of a folder written by ``save_pretrained``, or None."""
     if path is None or not (Path(path) / "config.json").is_file():
@@ -409,13 +425,15 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         logits processor but the temperature of a sampled generate() (applied inside MPC)."""
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if self._reveals_token():
-            needing_logits = [type(p).__name__ for p in processors
-                              if not (generation_config.do_sample and isinstance(p, TemperatureLogitsWarper))]
+            needing_logits = [p for p in processors if not (generation_config.do_sample and isinstance(p, TemperatureLogitsWarper))]
             if needing_logits:
+                named = ", ".join(f"{type(p).__name__} (from {_PROCESSOR_OPTIONS.get(type(p).__name__, 'a generate() option')})"
+                                  for p in needing_logits)
                 raise ValueError(
-                    f"with mpc.reveal: token the client sees no logits, so {needing_logits} cannot run. To sample, "
-                    "pass top_k=0 and leave top_p at 1.0 (transformers' do_sample defaults to top_k=50): the token is "
-                    "drawn inside MPC from the whole distribution at your temperature; for anything else use reveal: logits"
+                    f"with mpc.reveal: token the client sees no logits, so these cannot run: {named}. Turn them off "
+                    "(top_k=0, top_p=1.0, bad_words_ids=None, ...: transformers' do_sample defaults to top_k=50, and a "
+                    "checkpoint's generation_config.json may set others). Sampling then draws the token inside MPC from "
+                    "the whole distribution at your temperature; for anything else use reveal: logits"
                 )
         return processors
 

@@ -86,10 +86,10 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
 
 
 # Generation defaults a client may take from the server: the decoding options
-# of generation_config.json that are plain numbers or flags (nothing else
-# about the checkpoint goes into the handshake).
+# of generation_config.json that are plain numbers, flags or token ids
+# (nothing else about the checkpoint goes into the handshake).
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "max_new_tokens", "max_length", "no_repeat_ngram_size")
+                   "repetition_penalty", "max_new_tokens", "max_length", "no_repeat_ngram_size", "bad_words_ids")
 
 
 def generation_metadata(path: Path) -> dict:
@@ -103,8 +103,10 @@ def generation_metadata(path: Path) -> dict:
         generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
     values = generation.to_diff_dict()
 
-    def plain(value) -> bool:
-        return isinstance(value, (int, float, bool)) or (isinstance(value, list) and all(isinstance(v, int) for v in value))
+    def plain(value) -> bool:  # a number, a flag, or (nested) lists of token ids
+        if isinstance(value, list):
+            return all(isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v)) for v in value)
+        return isinstance(value, (int, float, bool))
 
     return {k: values[k] for k in GENERATION_KEYS if k in values and plain(values[k])}
 
