@@ -205,6 +205,12 @@ class _HEBase:
         return ct.size() * ct.coeff_modulus_size() * ct.poly_modulus_degree() * 8
 
 
+def ciphertext_size_limit(params: HEParams) -> int:
+    """The most bytes one serialized fresh ciphertext takes: two polynomials at
+    every prime, plus 1 KiB for SEAL's header (compression only makes it smaller)."""
+    return 2 * len(params.coeff_modulus) * params.poly_modulus_degree * 8 + 1024
+
+
 def bundle_size_limit(params: HEParams, n_galois_steps: int) -> int:
     """The most bytes a public bundle for these parameters and this many
     Galois steps can take (SEAL's compression only makes it smaller): a

@@ -46,7 +46,7 @@ import secrets
 from ..config import CryptoGenConfig
 from ..he import ClientHE, HEParams, ServerHE
 from ..he.attention import calibrate_attention_slack
-from ..he.keys import bundle_size_limit
+from ..he.keys import bundle_size_limit, ciphertext_size_limit
 from ..mpc import runtime
 from . import credentials, transport
 from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
@@ -184,8 +184,7 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
       attention scores of all heads), or a correlation batch message."""
     from ..mpc.two_party import MAX_MESSAGE_BYTES as CORRELATION_MESSAGE_BYTES
 
-    k, n = len(he_params.coeff_modulus), he_params.poly_modulus_degree
-    ct_bytes = 2 * k * n * 8 + 1024  # two polynomials at every prime, plus SEAL's header
+    ct_bytes = ciphertext_size_limit(he_params)
     T, d = shape.n_positions, shape.n_embd
     cache_cts = cache_ciphertexts_bound(plans, shape, he_params)
     framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + 8))  # pack_blobs' length words

@@ -72,6 +72,10 @@ class ProtocolError(TransportError):
     """The peer sent something that is not the message the protocol expects."""
 
 
+class CertificateError(TransportError):
+    """The server's TLS certificate is not the one the client trusts."""
+
+
 class PeerReportedError(TransportError):
     """The peer sent an "error" message; ``peer_message`` is its text."""
 
@@ -324,10 +328,6 @@ def connect(host: str, port: int, peer_name: str, timeout_s: float = 60.0, retry
             sock.close()
             raise PeerClosedError(f"TLS handshake with {peer_name} at {host}:{port} failed: {exc}") from exc
     return Channel(sock, peer_name, timeout_s)
-
-
-class CertificateError(TransportError):
-    """The server's TLS certificate is not the one the client trusts."""
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

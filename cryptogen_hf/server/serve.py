@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import CryptoGenConfig, load_config
 from ..he import HEParams
-from ..he.keys import PlaintextEncoder, bundle_size_limit
+from ..he.keys import PlaintextEncoder, bundle_size_limit, ciphertext_size_limit
 from ..protocol import credentials, transport
 from ..protocol.gpt2 import EncodedGPT2, GPT2Plans, ModelShape
 from ..protocol.session import fixed_point_from, he_params_from, run_server_session
@@ -126,8 +126,8 @@ def session_memory_estimate(hosted: HostedModel) -> int:
 
     params, shape = hosted.he_params, hosted.shape
     n_steps = len(hosted.plans.galois_steps())
-    ct_bytes = 2 * len(params.coeff_modulus) * params.poly_modulus_degree * 8
-    return bundle_size_limit(params, n_steps) + cache_ciphertexts_bound(hosted.plans, shape, params) * ct_bytes + WORKER_BASE_BYTES
+    cache_bytes = cache_ciphertexts_bound(hosted.plans, shape, params) * ciphertext_size_limit(params)
+    return bundle_size_limit(params, n_steps) + cache_bytes + WORKER_BASE_BYTES
 
 
 def available_memory() -> int | None:
