@@ -100,7 +100,8 @@ def random_gpt2_checkpoint(folder: Path, n_layer: int, vocab_size: int, width: i
     return path
 
 
-def measure_context(session, crypten, context: int, decode_tokens: int, recompute: bool, fill: bool = False) -> dict:
+def measure_context(session, crypten, context: int, decode_tokens: int, recompute: bool, fill: bool = False,
+                    recompute_token_by_token: bool = False) -> dict:
     """Decode latency at ``context`` with the encrypted cache (and, optionally, the
     recompute baseline). ``fill``: the first context - 1 cache entries are
     random encryptions (``ClientSession.fill_for_benchmark``) instead of a
@@ -161,13 +162,48 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
     # (which run once per token, whatever the depth).
     row["blocks_s_per_token"] = round(decode_s - server_step.get("embedding", 0.0) - server_step.get("lm_head", 0.0), 3)
     if recompute:
-        # No cache: the whole prefix (context tokens) is processed for one new token.
-        session.reset()
-        start = time.perf_counter()
-        session.forward(tokens[:context], [False] * (context - 1) + [True])
-        row["recompute_s_per_token"] = round(time.perf_counter() - start, 3)
-        row["speedup_cache_vs_recompute"] = round(row["recompute_s_per_token"] / decode_s, 2)
+        # No cache: the whole prefix (context tokens) is processed for one new
+        # token, as one packed pass (what a secure-inference system without a
+        # cache does at best: BOLT packs the whole sequence), and optionally
+        # token by token (one token per ciphertext, the older baseline).
+        for name, packed in (("", True), ("_token_by_token", False)) if recompute_token_by_token else (("", True),):
+            session.reset()
+            start = time.perf_counter()
+            session.forward(tokens[:context], [False] * (context - 1) + [True], packed=packed)
+            row[f"recompute{name}_s_per_token"] = round(time.perf_counter() - start, 3)
+            row[f"speedup_cache_vs_recompute{name}"] = round(row[f"recompute{name}_s_per_token"] / decode_s, 2)
     return row
+
+
+def measure_prefill(session, crypten, length: int, packed: bool) -> dict:
+    """Time to first token for a prompt of ``length`` tokens: one pass, packed or
+    token by token, ending with the last position's logits opened to the client."""
+    generator = torch.Generator().manual_seed(length)
+    tokens = torch.randint(1, session.shape.vocab_size, (length,), generator=generator).tolist()
+    session.reset()
+    comm = crypten.communicator.get()
+    comm.reset_communication_stats()
+    channel = session.channel.stats
+    sent0, recv0 = channel.bytes_sent, channel.bytes_received
+    server0, client0 = session.stats(), dict(session.runner.timings)
+    correlations0 = session.correlation_stats()
+    start = time.perf_counter()
+    session.forward(tokens, [False] * (length - 1) + [True], packed=packed)
+    seconds = time.perf_counter() - start
+    server1 = session.stats()
+    made = _delta(session.correlation_stats(), correlations0)
+    mpc = comm.get_communication_stats()
+    return {
+        "prompt_tokens": length,
+        "path": "packed" if packed else "token by token",
+        "time_to_first_token_s": round(seconds, 3),
+        "correlation_s": round(made.get("seconds", 0.0), 3),
+        "server_breakdown_s": {k: round(v, 3) for k, v in _delta(server1["timings"], server0["timings"]).items()},
+        "client_breakdown_s": {k: round(v, 3) for k, v in _delta(dict(session.runner.timings), client0).items()},
+        "mpc_rounds": mpc["rounds"],
+        "channel_bytes": channel.bytes_sent - sent0 + channel.bytes_received - recv0,
+        "server_peak_rss_mb": server1.get("peak_rss_mb"),
+    }
 
 
 def _mpc_channel_bytes(stats) -> int:
@@ -242,6 +278,86 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_prefill(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for path_name, marker in (("packed", "o-"), ("token by token", "s--")):
+        mine = [r for r in rows if r["path"] == path_name]
+        if mine:
+            ax1.plot([r["prompt_tokens"] for r in mine], [r["time_to_first_token_s"] for r in mine], marker, label=path_name)
+    ax1.set_xlabel("prompt tokens")
+    ax1.set_ylabel("time to first token (s)")
+    ax1.set_title(title)
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    packed = [r for r in rows if r["path"] == "packed"]
+    components = sorted({k for r in packed for k in r["server_breakdown_s"]}, key=lambda k: -max(r["server_breakdown_s"].get(k, 0) for r in packed))
+    bottom = [0.0] * len(packed)
+    labels = [str(r["prompt_tokens"]) for r in packed]
+    for k in components:
+        values = [r["server_breakdown_s"].get(k, 0.0) for r in packed]
+        ax2.bar(labels, values, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax2.set_xlabel("prompt tokens (packed path)")
+    ax2.set_ylabel("seconds (server's clock, by component)")
+    ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_prefill(args, model, model_dir: Path, settings, crypten, setup_s: float) -> int:
+    """``cryptogen bench --prefill``: time to first token against prompt length,
+    packed and token by token, in one run against one server."""
+    out = Path(args.out or "results/bench_prefill.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    baseline = set(args.baseline_lengths if args.baseline_lengths is not None else args.lengths)
+    rows = []
+    session = model.session
+    for length in tqdm(args.lengths, desc="prompt lengths", unit="prompt"):
+        rows.append(measure_prefill(session, crypten, length, packed=True))
+        if length in baseline:
+            rows.append(measure_prefill(session, crypten, length, packed=False))
+            rows[-1]["packed_speedup"] = round(rows[-1]["time_to_first_token_s"] / rows[-2]["time_to_first_token_s"], 2)
+            rows[-2]["packed_speedup"] = rows[-1]["packed_speedup"]
+        tqdm.write(json.dumps({k: rows[-1][k] for k in ("prompt_tokens", "path", "time_to_first_token_s")}))
+    # One decode step after the longest packed prompt, for the per-token latency beside it.
+    longest = max(args.lengths)
+    session.reset()
+    tokens = torch.randint(1, session.shape.vocab_size, (longest + 1,), generator=torch.Generator().manual_seed(0)).tolist()
+    session.forward(tokens[:longest], [False] * (longest - 1) + [True])
+    start = time.perf_counter()
+    session.forward(tokens[longest:], [True])
+    decode_s = time.perf_counter() - start
+    model.close()
+    result = {
+        "model": str(model_dir),
+        "dealer": settings.mpc.dealer,
+        "trust_model": TRUST_MODELS[settings.mpc.dealer],
+        "session_setup_s": round(setup_s, 2),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "decode_s_per_token_after_longest_prompt": round(decode_s, 3),
+        "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    plot_prefill(rows, out.with_suffix(".png"), f"{model_dir.name}, dealer={settings.mpc.dealer}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"trust model: {result['trust_model']}")
+    print("| prompt tokens | packed TTFT s | token-by-token TTFT s | speedup |")
+    print("|---|---|---|---|")
+    for length in args.lengths:
+        mine = {r["path"]: r for r in rows if r["prompt_tokens"] == length}
+        base = mine.get("token by token")
+        print(f"| {length} | {mine['packed']['time_to_first_token_s']} | {base['time_to_first_token_s'] if base else '-'} "
+              f"| {mine['packed'].get('packed_speedup', '-')} |")
+    print(f"decode step after a {longest}-token prompt: {decode_s:.2f} s")
+    return 0
+
+
 # -- command line (cryptogen bench, scripts/bench_generation.py) ------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import SHIPPED_MODEL_DIR
@@ -259,9 +375,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context lengths to measure (each >= 2; default 32 64 128 256)")
     parser.add_argument("--decode-tokens", type=positive_int, default=2, help="decode steps timed per context")
     parser.add_argument("--no-recompute", action="store_true", help="skip the recompute baseline")
+    parser.add_argument("--recompute-token-by-token", action="store_true",
+                        help="also time the recompute baseline token by token (one token per ciphertext; slow)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="measure time to first token against prompt length instead (packed and token by token)")
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256, 512],
+                        help="with --prefill: prompt lengths (default 16 32 64 128 256 512)")
+    parser.add_argument("--baseline-lengths", type=positive_int, nargs="*", default=None,
+                        help="with --prefill: run the token-by-token path only at these lengths (default: all)")
     add_settings_arguments(parser)
-    parser.add_argument("--out", type=Path, default=Path("results/bench_generation.json"),
-                        help="JSON output; the plot goes beside it as .png (default: results/bench_generation.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output; the plot goes beside it as .png "
+                             "(default: results/bench_generation.json, or results/bench_prefill.json with --prefill)")
 
 
 def run(args) -> int:
@@ -271,27 +396,34 @@ def run(args) -> int:
     from .hf.modeling import CryptoGenForCausalLM
 
     if args.gpt2_base_shape:
-        model_dir = random_gpt2_checkpoint(Path(args.out).parent / ".bench_models", args.layers, args.vocab)
+        model_dir = random_gpt2_checkpoint((Path(args.out).parent if args.out else Path("results")) / ".bench_models", args.layers, args.vocab)
     else:
         model_dir = local_model_dir(args.model)
     context_limit = AutoConfig.from_pretrained(model_dir).n_positions
-    for context in args.contexts:
+    if args.prefill:
+        for length in args.lengths:
+            if not 2 <= length <= context_limit - 1:
+                raise CLIError(f"prompt length {length} must be in 2..{context_limit - 1} (the model's context minus the next token)")
+    for context in [] if args.prefill else args.contexts:
         if not 2 <= context <= context_limit - args.decode_tokens:
             raise CLIError(f"context {context} must be in 2..{context_limit - args.decode_tokens} "
                            f"(model context {context_limit} minus --decode-tokens {args.decode_tokens})")
     settings = settings_from_args(args)
     crypten = import_crypten()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
     setup_s = time.perf_counter() - start
     crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
+    if args.prefill:
+        return run_prefill(args, model, model_dir, settings, crypten, setup_s)
+    out = Path(args.out or "results/bench_generation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for context in tqdm(args.contexts, desc="contexts", unit="ctx"):
             recompute = not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
-            rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill))
+            rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill,
+                                        args.recompute_token_by_token))
             tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "decode_s_per_token", "recompute_s_per_token") if k in rows[-1]}))
         cipher = model.session.channel.sock.cipher()
     finally:

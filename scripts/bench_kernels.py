@@ -8,7 +8,7 @@ he       every BFV kernel, in this process (server and client objects side by
          GPT-2-base shapes (768x768, 768x2304, 768x3072, 3072x768) and at the
          shipped small model's shapes (d=192, vocab 4096: 192x576, 192x192,
          192x768, 768x192, 192x4096 and the one-hot embedding 4096x192);
-         prefill matvec; attention q.K^T and probs.V against the encrypted
+         packed matvec (several tokens per ciphertext, a prompt's pass); attention q.K^T and probs.V against the encrypted
          cache for contexts 64..512, GPT-2-base in both layouts
          (OuterAttentionPlan/OuterKVCache and InnerKVCache), small model in the
          inner layout. Every result is decrypted and checked exactly against
@@ -117,7 +117,7 @@ def machine_info() -> dict:
 # HE kernels (one process)
 # ---------------------------------------------------------------------------
 def he_cases(quick: bool) -> list[tuple]:
-    """("matvec", d_in, d_out, label) | ("prefill", d_in, d_out, T) | ("attention", layout, model, T)."""
+    """("matvec", d_in, d_out, label) | ("packed", d_in, d_out) | ("attention", layout, model, T)."""
     if quick:
         return [("matvec", 192, 192, "small attn.c_proj"), ("matvec", 768, 768, "base attn.c_proj"),
                 ("attention", "inner", SMALL, 64), ("attention", "outer", BASE, 64)]
@@ -126,9 +126,8 @@ def he_cases(quick: bool) -> list[tuple]:
              ("matvec", 192, 576, "small attn.c_attn"), ("matvec", 192, 192, "small attn.c_proj"),
              ("matvec", 192, 768, "small mlp.c_fc"), ("matvec", 768, 192, "small mlp.c_proj"),
              ("matvec", 192, 4096, "small lm_head"), ("matvec", 4096, 192, "small one-hot embedding")]
-    # Prefill at T=512 is left out: its 36864 plaintexts do not fit the plan's cache and are
-    # re-encoded on every call (minutes per call).
-    cases += [("prefill", 192, 576, 64), ("prefill", 768, 768, 64)]
+    cases += [("packed", 192, 576), ("packed", 192, 192), ("packed", 192, 768), ("packed", 768, 192),
+              ("packed", 768, 768), ("packed", 768, 2304)]
     cases += [("attention", layout, BASE, T) for layout in ("outer", "inner") for T in CONTEXTS]
     cases += [("attention", "inner", SMALL, T) for T in CONTEXTS]
     return cases
@@ -138,7 +137,8 @@ class HEBench:
     """Client and server HE objects with the Galois keys of every planned kernel."""
 
     def __init__(self, cases):
-        from cryptogen_hf.he import ClientHE, DecodeMatvecPlan, HEParams, InnerKVCache, OuterAttentionPlan, PrefillMatvecPlan, ServerHE
+        from cryptogen_hf.he import ClientHE, HEParams, InnerKVCache, MatvecPlan, OuterAttentionPlan, ServerHE
+        from cryptogen_hf.protocol.gpt2 import packed_plan
 
         self.params = HEParams()
         self.rng = np.random.default_rng(0)
@@ -146,9 +146,9 @@ class HEBench:
         for case in cases:
             kind = case[0]
             if kind == "matvec":
-                plan = DecodeMatvecPlan(case[1], case[2], self.params)
-            elif kind == "prefill":
-                plan = PrefillMatvecPlan(case[1], case[2], case[3], self.params)
+                plan = MatvecPlan(case[1], case[2], self.params)
+            elif kind == "packed":
+                plan = packed_plan(case[1], case[2], self.params)
             elif case[1] == "outer":
                 plan = OuterAttentionPlan(case[2][1], case[2][2], case[3], self.params)
             else:  # shape-only here (for the Galois steps); the cache itself is built in _attention
@@ -190,19 +190,19 @@ class HEBench:
                    n1=fig(plan.n1, "count"), rotation_keys=fig(len(plan.galois_steps()), "count"),
                    exact=fig(bool(np.array_equal(y, x @ W)), "bool"))
 
-    def _prefill(self, case, plan, repeats):
-        _, d_in, d_out, T = case
+    def _packed(self, case, plan, repeats):
+        _, d_in, d_out = case
         W = self.ints((d_in, d_out), 8192)
         t_enc, _, enc = time_calls(lambda: plan.encode_weights(self.server, W), 1)
-        X = self.ints((T, d_in), 8192)
-        cts = [self.client.encrypt(v) for v in plan.pack_input(X)]
-        t, times, outs = time_calls(lambda: plan.apply(self.server, enc, cts), repeats)
-        Y = plan.unpack_output([self.client.decrypt_centered(o) for o in outs])
-        return row("he", "prefill matvec", f"T={T} {d_in}x{d_out}",
-                   time_s=fig(t, "s"), time_all_s=fig(times, "s"), time_per_token_s=fig(t / T, "s"),
-                   encode_weights_s=fig(t_enc, "s"), in_cts=fig(len(cts), "ciphertexts"),
-                   out_cts=fig(len(outs), "ciphertexts"),
-                   exact=fig(bool(np.array_equal(np.asarray(Y).reshape(T, d_out), X @ W)), "bool"))
+        X = self.ints((plan.tokens, d_in), 8192)
+        ct = self.client.encrypt(plan.pack_rows(X))
+        t, times, outs = time_calls(lambda: plan.apply(self.server, enc, ct), repeats)
+        Y = plan.unpack_rows([self.client.decrypt_centered(o) for o in outs])
+        return row("he", "packed matvec", f"{plan.tokens} tokens {d_in}x{d_out}",
+                   time_s=fig(t, "s"), time_all_s=fig(times, "s"), time_per_token_s=fig(t / plan.tokens, "s"),
+                   encode_weights_s=fig(t_enc, "s"), tokens_per_ciphertext=fig(plan.tokens, "count"),
+                   out_cts=fig(len(outs), "ciphertexts"), c=fig(plan.c, "count"), K=fig(plan.K, "count"),
+                   exact=fig(bool(np.array_equal(Y, X @ W)), "bool"))
 
     def _attention(self, case, plan, repeats):
         _, layout, model, T = case
@@ -440,7 +440,7 @@ def _conversion_helpers():
 def convert_program(role, sizes, repeats, progress=None):
     """shares_to_he into a decode matvec's input layout (n x 768) and he_to_shares out of
     its output layout (768 x n), n values each, `repeats` times."""
-    from cryptogen_hf.he import DecodeMatvecPlan
+    from cryptogen_hf.he import MatvecPlan
     from cryptogen_hf.protocol.convert import he_to_shares, shares_to_he
     from cryptogen_hf.protocol.layouts import MatvecIO
 
@@ -450,8 +450,8 @@ def convert_program(role, sizes, repeats, progress=None):
     he, p = party.he, party.he.p
     rows = []
     for n in sizes:
-        into = MatvecIO(DecodeMatvecPlan(n, 768, he.params))
-        out_of = MatvecIO(DecodeMatvecPlan(768, n, he.params))
+        into = MatvecIO(MatvecPlan(n, 768, he.params))
+        out_of = MatvecIO(MatvecPlan(768, n, he.params))
         x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 10.0
         ints = torch.randint(-(2**30), 2**30, (n,), generator=torch.Generator().manual_seed(n + 1))
         for direction in ("shares_to_he", "he_to_shares"):

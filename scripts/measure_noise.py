@@ -18,7 +18,7 @@ import time
 import numpy as np
 import tenseal.sealapi as sealapi
 
-from cryptogen_hf.he import ClientHE, DecodeMatvecPlan, HEParams, InnerKVCache, OuterAttentionPlan, OuterKVCache, ServerHE
+from cryptogen_hf.he import ClientHE, MatvecPlan, HEParams, InnerKVCache, OuterAttentionPlan, OuterKVCache, ServerHE
 
 
 def _time_ms(fn, repeats: int = 10) -> float:
@@ -48,7 +48,7 @@ def measure(bits: int, chain: list[int] | None = None, T: int = 128, ring: int =
     params = HEParams(poly_modulus_degree=ring, plain_modulus_bits=bits, coeff_modulus_bits=chain)
     cl = ClientHE(params)
     rng = np.random.default_rng(0)
-    mv = DecodeMatvecPlan(3072, 768, params)
+    mv = MatvecPlan(3072, 768, params)
     op = OuterAttentionPlan(12, 64, T, params)
     inner = InnerKVCache(12, 64, params)
     sv = ServerHE.from_bundle(cl.public_bundle(mv.galois_steps() | op.galois_steps() | inner.galois_steps()))

@@ -9,7 +9,7 @@ the server's objects apart."""
 import numpy as np
 import pytest
 
-from cryptogen_hf.he import ClientHE, DecodeMatvecPlan, HEParams, ServerHE
+from cryptogen_hf.he import ClientHE, MatvecPlan, HEParams, ServerHE
 from cryptogen_hf.he.flooding import RESULT_STATISTICAL_BITS
 
 D_IN, D_OUT, SAMPLES = 256, 64, 6
@@ -19,7 +19,7 @@ D_IN, D_OUT, SAMPLES = 256, 64, 6
 def setting():
     params = HEParams()
     client = ClientHE(params)
-    plan = DecodeMatvecPlan(D_IN, D_OUT, params)
+    plan = MatvecPlan(D_IN, D_OUT, params)
     server = ServerHE.from_bundle(client.public_bundle(plan.galois_steps()))
     p = params.plain_modulus
     rng = np.random.default_rng(0)  # test inputs only

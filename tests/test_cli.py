@@ -151,6 +151,18 @@ def test_bench_writes_json_and_plot(tmp_path):
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
+    # --prefill: time to first token, packed and token by token, at each length, one run.
+    out = tmp_path / "prefill.json"
+    result = cryptogen("bench", "--model", model_dir, "--prefill", "--lengths", 4, 12, "--baseline-lengths", 12, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["prompt_tokens"], r["path"]) for r in report["rows"]] == [(4, "packed"), (12, "packed"), (12, "token by token")]
+    for row in report["rows"]:
+        assert row["time_to_first_token_s"] > 0 and row["server_breakdown_s"]["embedding"] > 0
+    assert report["rows"][1]["packed_speedup"] == report["rows"][2]["packed_speedup"] > 0
+    assert report["decode_s_per_token_after_longest_prompt"] > 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
 
 def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint, capsys):
     """`cryptogen credentials`, `serve --cert --key --tokens`, `generate --server

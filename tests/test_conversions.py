@@ -15,6 +15,7 @@ from cryptogen_hf.he import ClientHE, HEParams, ServerHE
 from cryptogen_hf.mpc.runtime import CLIENT, SERVER, MPCConfig, launch_local, party_channel, rank_of
 from cryptogen_hf.protocol.convert import he_to_shares, shares_to_he
 from cryptogen_hf.protocol.layouts import SlotVector
+from cryptogen_hf.protocol.shared_matmul import matmul_mod, shared_matmul
 from cryptogen_hf.protocol.party import Party
 
 N_VALUES = 512
@@ -73,6 +74,15 @@ def _conversion_session(role):
     trunc = he_to_shares(party, cts_small, layout, frac_bits=20, n=N_VALUES, server_addend=addend.numpy())
     out["trunc"] = _reveal_ring(trunc)
     out["ints"], out["small"], out["addend"] = ints, small, addend
+
+    # 4. The product of two shared matrices (a prompt's attention): X the client's, Y the
+    #    server's, 3 heads, sizes that leave segments partly empty.
+    X = torch.randn(3, 9, 5, generator=gen) * 3
+    Y = torch.randn(3, 5, 7, generator=gen) * 3
+    xs = crypten.cryptensor(X if party.is_client else torch.zeros_like(X), src=rank_of(CLIENT))
+    ys = crypten.cryptensor(Y if party.is_server else torch.zeros_like(Y), src=rank_of(SERVER))
+    product = shared_matmul(party, xs, ys, 12, 12)
+    out["matmul"], out["matmul_expected"] = _reveal_ring(product).double() / 2**16, X.double() @ Y.double()
 
     # 3. What the client sees: record the decrypted masked values and the masked shares
     #    over many conversions of the SAME secret vector and of different ones.
@@ -144,6 +154,22 @@ def test_he_to_shares_truncates_and_adds_server_addend(results):
     r = results[CLIENT]
     expected = torch.div(r["small"] + r["addend"], 16, rounding_mode="floor")  # 20 -> 16 fractional bits
     assert (r["trunc"] - expected).abs().max().item() <= 1  # CrypTen's local truncation: one unit
+
+
+def test_shared_matmul_matches_the_plaintext_product(results):
+    r = results[CLIENT]
+    # Each operand keeps 12 fractional bits: error below inner * |operand| * 2^-12 per entry.
+    assert (r["matmul"] - r["matmul_expected"]).abs().max().item() < 5 * 12 * 2**-11
+
+
+def test_matmul_mod_is_exact():
+    rng = np.random.default_rng(0)
+    p = HEParams().plain_modulus
+    A = rng.integers(0, p, (2, 6, 300), dtype=np.uint64)
+    B = rng.integers(0, p, (2, 300, 4), dtype=np.uint64)
+    A[0, 0], B[0, :, 0] = p - 1, p - 1  # the largest residues
+    expected = np.array([[[sum(int(a) * int(b) for a, b in zip(A[h, i], B[h, :, j])) % p for j in range(4)] for i in range(6)] for h in range(2)], dtype=np.uint64)
+    assert np.array_equal(matmul_mod(A, B, p), expected)
 
 
 def test_client_view_is_uniformly_masked(results):

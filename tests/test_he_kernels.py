@@ -5,8 +5,8 @@ import pytest
 import tenseal.sealapi as sealapi
 
 from cryptogen_hf.he import (
-    CiphertextError, ClientHE, DecodeMatvecPlan, HEParams, InnerKVCache,
-    OuterAttentionPlan, OuterKVCache, PrefillMatvecPlan, ServerHE,
+    CiphertextError, ClientHE, HEParams, InnerKVCache, MatvecPlan,
+    OuterAttentionPlan, OuterKVCache, ServerHE,
 )
 
 H, DH, T_OUT, T_IN = 4, 48, 40, 45  # small model: d = 192
@@ -17,9 +17,11 @@ def setup():
     params = HEParams()
     client = ClientHE(params)
     plans = {
-        "mv_small": DecodeMatvecPlan(192, 576, params),
-        "mv_768": DecodeMatvecPlan(768, 768, params),
-        "mv_tall": DecodeMatvecPlan(192, 4096, params),
+        "mv_small": MatvecPlan(192, 576, params),
+        "mv_768": MatvecPlan(768, 768, params),
+        "mv_tall": MatvecPlan(192, 4096, params),
+        "packed_small": MatvecPlan(192, 576, params, tokens=16),
+        "packed_tall": MatvecPlan(768, 192, params, tokens=8),
         "outer": OuterAttentionPlan(H, DH, T_OUT, params),
     }
     inner = InnerKVCache(H, DH, params)
@@ -91,24 +93,28 @@ def test_decode_matvec_exact(setup, name, shape):
     assert est <= min(client.noise_budget(o) for o in outs)
 
 
-@pytest.mark.parametrize("T", [5, 3000])  # G = 1638 segments / G = 2 segments
-def test_prefill_matvec_exact(setup, T):
-    params, client, server, *_ = setup
-    rng = np.random.default_rng(2)
-    plan = PrefillMatvecPlan(6, 5, T, params)
-    W, X = rng.integers(-8192, 8192, (6, 5)), rng.integers(-8192, 8192, (T, 6))
-    outs = plan.apply(server, plan.encode_weights(server, W), [client.encrypt(s) for s in plan.pack_input(X)])
-    Y = plan.unpack_output([client.decrypt_centered(o) for o in outs])
-    assert np.array_equal(Y, X @ W)
+@pytest.mark.parametrize("name,shape,rows", [("packed_small", (192, 576), 16), ("packed_small", (192, 576), 5), ("packed_tall", (768, 192), 8)])
+def test_packed_matvec_exact(setup, name, shape, rows):
+    """Several tokens per ciphertext (a full one and a partly empty one): each
+    token's row comes out exactly x @ W, and the noise estimate is safe."""
+    params, client, server, plans, _ = setup
+    plan, rng = plans[name], np.random.default_rng(2)
+    assert plan.tokens > 1 and plan.n_tiles >= 1
+    W, X = rng.integers(-8192, 8192, shape), rng.integers(-8192, 8192, (rows, shape[0]))
+    outs = plan.apply(server, plan.encode_weights(server, W), client.encrypt(plan.pack_rows(X)))
+    Y = plan.unpack_rows([client.decrypt_centered(o) for o in outs])
+    assert np.array_equal(Y[:rows], X @ W)
+    assert not Y[rows:].any()  # empty token regions give zeros
+    est = plan.estimate_budget(server.noise_model, server.noise_model.fresh)
+    assert est <= min(client.noise_budget(o) for o in outs)
 
 
-def test_prefill_scalar_path(setup):
-    params, client, server, *_ = setup
-    rng = np.random.default_rng(3)
-    plan = PrefillMatvecPlan(3, 2, 5000, params)  # G == 1: scalar plaintexts
-    W, X = rng.integers(-8192, 8192, (3, 2)), rng.integers(-8192, 8192, (5000, 3))
-    outs = plan.apply(server, plan.encode_weights(server, W), [client.encrypt(s) for s in plan.pack_input(X)])
-    assert np.array_equal(plan.unpack_output([client.decrypt_centered(o) for o in outs]), X @ W)
+def test_packed_plan_refuses_bad_token_counts():
+    params = HEParams()
+    with pytest.raises(ValueError, match="tokens per ciphertext"):
+        MatvecPlan(192, 192, params, tokens=3)
+    with pytest.raises(ValueError, match="tokens per ciphertext"):
+        MatvecPlan(768, 192, params, tokens=16)  # 8 regions of 512 < 768 per row
 
 
 def test_server_bundle_cannot_decrypt(setup):

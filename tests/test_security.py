@@ -48,7 +48,9 @@ from cryptogen_hf.protocol.wire import pack_blobs, unpack_blobs
 from cryptogen_hf.server.weights import normalize, prepare_gpt2
 
 SETTINGS = CryptoGenConfig(timeouts=TimeoutSettings(peer_s=30, startup_s=60, idle_s=300))
-PROMPT = [5, 17, 250]
+# Long enough that the first pass is packed: several tokens per ciphertext in the linear
+# layers and its own attention on shares (matmul.ciphertexts); later tokens are decode steps.
+PROMPT = [5, 17, 250, 3, 99, 42, 7, 180]
 NEW_TOKENS = 3
 CTX = multiprocessing.get_context("spawn")
 
@@ -255,14 +257,14 @@ def test_server_receives_no_token_ids_and_no_activations_in_the_clear(audited):
     channel, p = audited["channel"], audited["he"].p
     # Every kind of message the server receives, and the JSON ones carry no token ids.
     kinds = {kind for kind, _ in channel}
-    assert kinds == {"hello", "he_bundle", "request", "embed.onehot", "to_he.ciphertexts"}, kinds
+    assert kinds == {"hello", "he_bundle", "request", "embed.onehot", "to_he.ciphertexts", "matmul.ciphertexts"}, kinds
     for kind, payload in channel:
         if kind == "request":
-            assert set(json.loads(payload)) <= {"op", "logits_for", "length"}, payload
+            assert set(json.loads(payload)) <= {"op", "logits_for", "length", "packed"}, payload
     # Every ciphertext the client sent is a valid 2-component BFV ciphertext for the session's keys.
     server_he = ServerHE.from_bundle(next(payload for kind, payload in channel if kind == "he_bundle"))
     for kind, payload in channel:
-        if kind in ("embed.onehot", "to_he.ciphertexts"):
+        if kind in ("embed.onehot", "to_he.ciphertexts", "matmul.ciphertexts"):
             assert all(server_he.load_ct(blob).size() == 2 for blob in unpack_blobs(payload))
 
     received = b"".join(payload for _, payload in channel) + b"".join(a.tobytes() for a in audited["mpc"])

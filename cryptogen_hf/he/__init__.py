@@ -5,17 +5,17 @@ keys      ClientHE (secret key owner) / ServerHE (from the public bundle only)
 noise     NoiseModel: server-side conservative noise-budget estimates
 flooding  re-randomising and noise-flooding what the client decrypts (circuit privacy)
 ole       cross products for the two-party Beaver triples
-matvec    DecodeMatvecPlan (one token, BSGS diagonals), PrefillMatvecPlan (T tokens)
+matvec    MatvecPlan (BSGS diagonals; one token, or several per ciphertext for a pass)
 attention OuterAttentionPlan + OuterKVCache (prefill), InnerKVCache (decode tokens)
 """
 
 from .attention import InnerKVCache, OuterAttentionPlan, OuterKVCache
 from .keys import CiphertextError, ClientHE, PlaintextEncoder, ServerHE
-from .matvec import DecodeMatvecPlan, PrefillMatvecPlan
+from .matvec import MatvecPlan
 from .noise import NoiseModel
 from .params import HEParams
 
 __all__ = [
     "HEParams", "ClientHE", "ServerHE", "PlaintextEncoder", "CiphertextError", "NoiseModel",
-    "DecodeMatvecPlan", "PrefillMatvecPlan", "OuterAttentionPlan", "OuterKVCache", "InnerKVCache",
+    "MatvecPlan", "OuterAttentionPlan", "OuterKVCache", "InnerKVCache",
 ]

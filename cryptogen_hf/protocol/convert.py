@@ -22,15 +22,20 @@ shares -> HE (``shares_to_he``), one message each way, no comparison:
   its own two-party truncation. It saves the comparison rounds of every
   conversion.
 
-HE -> shares (``he_to_shares``), one message plus one multiplication of bits:
-  the server adds H + r to every slot of the result ciphertext (r uniform in
-  Z_p, H = floor(p/4) so that the centred y, |y| < p/4, becomes
-  v = y + H in [0, h) with h = (p+1)/2) as a fresh public-key encryption,
-  floods the noise (``ServerHE.mask_for_client``: the client sees neither
-  the result's c1 nor its noise, both functions of the weights), and sends
-  it; the client decrypts a = (v + r) mod p, uniform in Z_p. Then y = a - r - H + p * wrap over the
-  integers, with wrap = [v + r >= p]. Because v < h, the wrap is a product
-  of one bit each party knows:
+HE -> shares (``he_to_shares`` = ``he_to_zp`` then ``zp_to_shares``), one
+message plus one multiplication of bits:
+  ``he_to_zp``: the server adds a uniform r' in Z_p to every slot of the
+  result ciphertext as a fresh public-key encryption and floods the noise
+  (``ServerHE.mask_for_client``: the client sees neither the result's c1 nor
+  its noise, both functions of the weights), and sends it; the client
+  decrypts y + r', the server keeps -r'. These are additive shares over Z_p;
+  any such sharing of small values with a uniform server share converts the
+  same way (``protocol/shared_matmul.py`` sums several before converting).
+  ``zp_to_shares``: with H = floor(p/4), the centred y (|y| < p/4) becomes
+  v = y + H in [0, h), h = (p+1)/2; the server's share is rewritten as a mask
+  r = -(its share + H), so the client's a = (v + r) mod p, uniform in Z_p.
+  Then y = a - r - H + p * wrap over the integers, with wrap = [v + r >= p].
+  Because v < h, the wrap is a product of one bit each party knows:
 
       wrap = [r >= h] AND [a < h]
 
@@ -65,6 +70,27 @@ def _check_frac_bits(frac_bits: int):
         raise ValueError(f"fractional bits must be in [0, 40], got {frac_bits}")
 
 
+def shares_to_zp(party, x, frac_bits: int) -> np.ndarray:
+    """Secret-shared ``x`` (an MPCTensor, 16 fractional bits) -> a masked form
+    over Z_p with ``frac_bits`` fractional bits, one message: the client gets
+    z = (x + s) >> k mod p, uniform, the server s >> k mod p, so that
+    x >> k = z - s (mod p) up to one unit in the last place. Both as uint64
+    arrays, flattened in C order."""
+    _check_frac_bits(frac_bits)
+    if frac_bits > CRYPTEN_FRAC_BITS:
+        raise ValueError(f"cannot add precision in a conversion ({frac_bits} > {CRYPTEN_FRAC_BITS} bits)")
+    shift = np.uint64(CRYPTEN_FRAC_BITS - frac_bits)
+    p = np.uint64(party.he.p)
+    share = x.share.detach().reshape(-1).cpu().numpy().astype(np.int64)
+    if party.is_server:
+        s = uniform_ring64(share.size)
+        party.channel.send("to_he.masked_share", pack_array(share + s))  # int64 adds wrap mod 2^64
+        return (s.view(np.uint64) >> shift) % p
+    masked = unpack_array(party.channel.recv_payload("to_he.masked_share"), share.size, "masked share")
+    z = (share + masked).view(np.uint64)  # x + s mod 2^64, uniformly distributed
+    return (z >> shift) % p
+
+
 def shares_to_he(party, x, layout, frac_bits: int):
     """Secret-shared ``x`` (an MPCTensor) -> ciphertexts at the server, laid out for a kernel.
 
@@ -77,71 +103,70 @@ def shares_to_he(party, x, layout, frac_bits: int):
 
     Returns: the server's list of ciphertexts Enc(x); ``None`` at the client.
     """
-    _check_frac_bits(frac_bits)
-    if frac_bits > CRYPTEN_FRAC_BITS:
-        raise ValueError(f"cannot add precision in a conversion ({frac_bits} > {CRYPTEN_FRAC_BITS} bits)")
-    shift = np.uint64(CRYPTEN_FRAC_BITS - frac_bits)
-    p = np.uint64(party.he.p)
-    share = x.share.detach().reshape(-1).cpu().numpy().astype(np.int64)
-    n = share.size
-
+    masked = shares_to_zp(party, x, frac_bits)
     if party.is_server:
-        s = uniform_ring64(n)
-        party.channel.send("to_he.masked_share", pack_array(share + s))  # int64 adds wrap mod 2^64
         blobs = unpack_blobs(party.channel.recv_payload("to_he.ciphertexts"))
         ciphertexts = [party.he.load_ct(blob) for blob in blobs]
-        s_truncated = (s.view(np.uint64) >> shift) % p
-        masks = layout.pack_input(s_truncated)
+        masks = layout.pack_input(masked)
         if len(masks) != len(ciphertexts):
             raise ValueError(f"client sent {len(ciphertexts)} ciphertexts, layout expects {len(masks)}")
         return [party.he.sub_plain(ct, mask) for ct, mask in zip(ciphertexts, masks)]
-
-    masked = unpack_array(party.channel.recv_payload("to_he.masked_share"), n, "masked share")
-    z = (share + masked).view(np.uint64)  # x + s mod 2^64, uniformly distributed
-    z_truncated = (z >> shift) % p
-    slots = layout.pack_input(z_truncated)
+    slots = layout.pack_input(masked)
     party.channel.send("to_he.ciphertexts", pack_blobs([party.he.serialize_ct(party.he.encrypt(v)) for v in slots]))
     return None
 
 
-def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_addend=None):
-    """Ciphertexts at the server -> secret shares (MPCTensor, 16 fractional bits) of the ``n`` outputs.
+def he_to_zp(party, ciphertexts, layout, n: int) -> np.ndarray:
+    """Ciphertexts at the server -> additive shares over Z_p of the ``n`` values
+    ``layout.unpack_output`` gathers (uint64): the server re-randomises and
+    floods each ciphertext and adds a uniform mask r to every slot, the client
+    decrypts. Client: y + r; server: -r (mod p). One message."""
+    p = int(party.he.p)
+    if party.is_server:
+        masks, blobs = [], []
+        for ct in ciphertexts:
+            r = uniform_mod(p, party.he.slot_count)
+            masks.append(r)
+            blobs.append(party.he.serialize_ct(party.he.mask_for_client(ct, r)))
+        party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
+        r = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)
+        local = (np.uint64(p) - r) % np.uint64(p)
+    else:
+        blobs = unpack_blobs(party.channel.recv_payload("from_he.ciphertexts"))
+        slots = [party.he.decrypt(party.he.load_ct(blob)) for blob in blobs]
+        local = np.asarray(layout.unpack_output(slots), dtype=np.uint64).reshape(-1)
+    if local.size != n:
+        raise ValueError(f"layout produced {local.size} outputs, expected {n}")
+    return local
 
-    Args:
-        ciphertexts: the server's list of result ciphertexts (ignored at the client).
-        layout: object with ``unpack_output(list of slot vectors) -> np.ndarray`` that
-            GATHERS the n output slots (no arithmetic, so it applies to masks too).
-        frac_bits: fractional bits of the plaintext values in the ciphertexts.
-        n: number of output values (public).
-        server_addend: optional int array (n,) with ``frac_bits`` fractional bits that
-            the server adds to its own share (a bias it owns): free, no round.
+
+def zp_to_shares(party, local, frac_bits: int, server_addend=None):
+    """Additive shares over Z_p of small values -> CrypTen shares (16 fractional bits).
+
+    ``local`` (uint64, this party's share; client a, server b, a + b = y mod p)
+    holds values y with |y| < p/4 and ``frac_bits`` fractional bits; the
+    server's share must be uniform in Z_p (it is whenever a fresh mask went
+    into it, as in :func:`he_to_zp`), since the client's share then hides y.
+    One multiplication of two private bits (module docstring).
+
+    server_addend: optional int array with ``frac_bits`` fractional bits that
+        the server adds to its own share (a bias it owns): free, no round.
     """
     _check_frac_bits(frac_bits)
     mpc = _mpc()
     p = int(party.he.p)
     shift, h = p // 4, (p + 1) // 2
-
+    local = np.asarray(local, dtype=np.uint64).reshape(-1)
     if party.is_server:
-        masks = []
-        blobs = []
-        for ct in ciphertexts:
-            r = uniform_mod(p, party.he.slot_count)
-            masks.append(r)
-            masked = party.he.mask_for_client(ct, (r + np.uint64(shift)) % np.uint64(p))
-            blobs.append(party.he.serialize_ct(masked))
-        party.channel.send("from_he.ciphertexts", pack_blobs(blobs))
-        masked_value = np.asarray(layout.unpack_output(masks), dtype=np.uint64).reshape(-1)  # r
-        local = -(masked_value.astype(np.int64))
+        # r = -(b + H): then a = (y + H) + r with y + H in [0, h).
+        masked_value = (np.uint64(2 * p - shift) - local) % np.uint64(p)  # r
+        signed = -(masked_value.astype(np.int64))
     else:
-        blobs = unpack_blobs(party.channel.recv_payload("from_he.ciphertexts"))
-        slots = [party.he.decrypt(party.he.load_ct(blob)) for blob in blobs]
-        masked_value = np.asarray(layout.unpack_output(slots), dtype=np.uint64).reshape(-1)  # a
-        local = masked_value.astype(np.int64)
-    if local.size != n:
-        raise ValueError(f"layout produced {local.size} outputs, expected {n}")
+        masked_value = local  # a
+        signed = local.astype(np.int64)
 
     # d = a - r over the integers, |d| < p: shares (client a, server -r), scale 1.
-    d = mpc.MPCTensor.from_shares(torch.from_numpy(local), precision=0)
+    d = mpc.MPCTensor.from_shares(torch.from_numpy(signed), precision=0)
     # wrap = [r >= h] (the server's bit) AND [a < h] (the client's bit).
     my_bit = torch.from_numpy((masked_value >= h) if party.is_server else (masked_value < h)).long()
     server_bit = mpc.MPCTensor(my_bit if party.is_server else torch.zeros_like(my_bit), src=rank_of(SERVER), precision=0)
@@ -157,3 +182,17 @@ def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_adde
     elif frac_bits < CRYPTEN_FRAC_BITS:
         y = y * (1 << (CRYPTEN_FRAC_BITS - frac_bits))
     return mpc.MPCTensor.from_shares(y.share, precision=CRYPTEN_FRAC_BITS)
+
+
+def he_to_shares(party, ciphertexts, layout, frac_bits: int, n: int, server_addend=None):
+    """Ciphertexts at the server -> secret shares (MPCTensor, 16 fractional bits) of the ``n`` outputs.
+
+    Args:
+        ciphertexts: the server's list of result ciphertexts (ignored at the client).
+        layout: object with ``unpack_output(list of slot vectors) -> np.ndarray`` that
+            GATHERS the n output slots (no arithmetic, so it applies to masks too).
+        frac_bits: fractional bits of the plaintext values in the ciphertexts.
+        n: number of output values (public).
+        server_addend: as in :func:`zp_to_shares`.
+    """
+    return zp_to_shares(party, he_to_zp(party, ciphertexts, layout, n), frac_bits, server_addend)

@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..he import DecodeMatvecPlan, InnerKVCache, OuterAttentionPlan, OuterKVCache
+from ..he import InnerKVCache, MatvecPlan, OuterAttentionPlan, OuterKVCache
+from ..he.columns import ColumnProductPlan
 from ..he.diagonal import DEFAULT_COSTS, fold_rotations
 from ..mpc import ops
 from ..mpc.runtime import CLIENT, SERVER, rank_of
@@ -49,12 +50,14 @@ from .layouts import (
     MatvecIO,
     OuterPart,
     ProbsIntoCache,
+    PromptKVIntoCache,
     QKVIntoCache,
     ScoresFromCache,
     pack_outer_kv,
     unpack_outer_kv,
 )
 from .randomness import uniform_mod
+from .shared_matmul import shared_matmul
 from .wire import pack_blobs, unpack_blobs
 
 PROTOCOL_VERSION = "cryptogen-gpt2-decode/1"
@@ -103,8 +106,38 @@ class FixedPoint:
         return torch.round(b.double() * 2.0 ** (self.activation_bits + self.weight_bits)).to(torch.int64).numpy()
 
 
+# Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)).
+PACKED_TOKENS = (2, 4, 8, 16, 32)
+LINEARS = ("qkv", "attn_out", "fc_in", "fc_out", "lm_head")
+
+
+def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> MatvecPlan | None:
+    """The many-tokens-per-ciphertext plan with the lowest estimated time per token
+    (None when no packing fits d_in)."""
+    plans = [MatvecPlan(d_in, d_out, he_params, tokens=m, costs=costs) for m in PACKED_TOKENS if m <= 2 * he_params.row_size // d_in]
+    return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)
+
+
+def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
+    """Estimated time of a pass of T tokens through ``plan``: products and
+    conversions per ciphertext, plus, for a packed plan, encoding its
+    diagonals on the fly (a decode plan's are encoded once, at load)."""
+    t = costs or DEFAULT_COSTS
+    if plan.tokens == 1:
+        return T * (plan.est_seconds + t["to_he"] + plan.n_tiles * t["from_he"])
+    return -(-T // plan.tokens) * plan.est_seconds + plan.n_plaintexts * t["encode"]
+
+
 class GPT2Plans:
-    """Shape-only HE plans; both parties build the same ones from ``ModelShape``."""
+    """Shape-only HE plans; both parties build the same ones from ``ModelShape``.
+
+    Each linear layer (and the embedding) has two plans: a decode plan (one
+    token per ciphertext, weights encoded once at load) and a packed plan
+    (several tokens per ciphertext, weights encoded for each pass). A pass
+    of T tokens takes the one with the lower estimated time (``for_pass``),
+    so a decode step and a short speculative check stay on the first and a
+    prompt goes to the second; both parties decide alike from T.
+    """
 
     def __init__(self, shape: ModelShape, he_params):
         d, v = shape.n_embd, shape.vocab_size
@@ -119,22 +152,34 @@ class GPT2Plans:
             candidates = [v]
         best = None
         for chunk in candidates:
-            plan = DecodeMatvecPlan(min(chunk, v), d, he_params)
+            plan = MatvecPlan(min(chunk, v), d, he_params)
             cost = plan.est_seconds * -(-v // min(chunk, v))
             if best is None or cost < best[0]:
                 best = (cost, plan)
         self.embed = best[1]
         self.embed_chunk = self.embed.d_in
         self.embed_chunks = -(-v // self.embed_chunk)
-        self.qkv = DecodeMatvecPlan(d, 3 * d, he_params)
-        self.attn_out = DecodeMatvecPlan(d, d, he_params)
-        self.fc_in = DecodeMatvecPlan(d, 4 * d, he_params)
-        self.fc_out = DecodeMatvecPlan(4 * d, d, he_params)
-        self.lm_head = DecodeMatvecPlan(d, v, he_params)
+        self.qkv = MatvecPlan(d, 3 * d, he_params)
+        self.attn_out = MatvecPlan(d, d, he_params)
+        self.fc_in = MatvecPlan(d, 4 * d, he_params)
+        self.fc_out = MatvecPlan(4 * d, d, he_params)
+        self.lm_head = MatvecPlan(d, v, he_params)
+        self.packed = {
+            name: packed_plan(plan.d_in, plan.d_out, he_params)
+            for name, plan in (("embed", self.embed), *((n, getattr(self, n)) for n in LINEARS))
+        }
         self.cache_layout = InnerKVCache(shape.n_head, shape.head_dim, he_params)
 
+    def for_pass(self, name: str, T: int) -> MatvecPlan:
+        """The plan of linear ``name`` ("embed", "qkv", ...) for a pass of T tokens."""
+        decode, packed = getattr(self, name), self.packed[name]
+        if packed is None or T < 2:
+            return decode
+        return packed if pass_seconds(packed, T) < pass_seconds(decode, T) else decode
+
     def matvec_plans(self):
-        return [self.embed, self.qkv, self.attn_out, self.fc_in, self.fc_out, self.lm_head]
+        decode = [self.embed, self.qkv, self.attn_out, self.fc_in, self.fc_out, self.lm_head]
+        return decode + [plan for plan in self.packed.values() if plan is not None]
 
     def galois_steps(self) -> list[int]:
         steps = set(self.cache_layout.galois_steps())
@@ -194,6 +239,33 @@ class PrefillLayoutPolicy:
             return False
         return self.mode == "outer" or self.outer_seconds(n_tokens) < self.inner_seconds(n_tokens)
 
+    def cached_prompt_seconds(self, T: int) -> float:
+        """Estimated time of a first pass's own attention over the encrypted
+        cache (one head set per query and block): conversions of q, k, v,
+        scores, probabilities and outputs, and the ct x ct products."""
+        t, blocks = self.costs, T * -(-T // self.inner.B)
+        product = t["mul_ct"] + t["relin"] + fold_rotations(self.inner.dh) * t["rot"]
+        return (3 * T + blocks) * t["to_he"] + (blocks + T) * t["from_he"] + 2 * blocks * (product + t["mul_ct"] / 2)
+
+    def shared_prompt_seconds(self, T: int) -> float:
+        """The same on shares (protocol/shared_matmul.py): the cache's blocks,
+        both operands of Q K^T and of P V as column-packed ciphertexts, and
+        plaintext products encoded on the fly."""
+        t, H, dh = self.costs, self.shape.n_head, self.shape.head_dim
+        try:
+            plans = [ColumnProductPlan(H, T, dh, T, self.params), ColumnProductPlan(H, T, T, dh, self.params),
+                     ColumnProductPlan(H, dh, T, T, self.params)]
+        except ValueError:  # the prompt's rows do not fit a ciphertext for every head
+            return float("inf")
+        products = 2 * plans[0].n_products + plans[1].n_products + plans[2].n_products
+        groups = 2 * plans[0].n_groups + plans[1].n_groups + plans[2].n_groups
+        return ((2 * -(-T // self.inner.B) + 2 * dh + 2 * T) * t["to_he"] + groups * t["from_he"]
+                + products * (t["mul"] + t["add"] + t["encode"]))
+
+    def prompt_on_shares(self, T: int) -> bool:
+        """Run a first pass of T tokens' own attention on shares (else over the cache)?"""
+        return T >= 2 and self.shared_prompt_seconds(T) < self.cached_prompt_seconds(T)
+
     def may_use_outer(self) -> bool:
         return any(self.use_outer(n) for n in range(2, self.max_outer + 1))
 
@@ -209,9 +281,13 @@ class PrefillLayoutPolicy:
 
 @dataclass
 class EncodedLinear:
-    plan: DecodeMatvecPlan
-    weights: list  # pre-encoded NTT plaintexts (plan.encode_weights)
+    plan: MatvecPlan  # the decode plan
+    weights: list  # its pre-encoded NTT plaintexts (plan.encode_weights)
     bias: np.ndarray  # int64, at activation_bits + weight_bits fractional bits
+    quantized: np.ndarray  # W (d_in x d_out) at weight_bits, int32: a packed pass encodes its own diagonals from it
+
+    def weights_for(self, he, plan: MatvecPlan) -> list:
+        return self.weights if plan is self.plan else plan.encode_weights(he, self.quantized)
 
 
 class EncodedGPT2:
@@ -226,16 +302,15 @@ class EncodedGPT2:
         # Embedding: rows of wte, zero-padded to whole chunks.
         padded = torch.zeros(plans.embed_chunks * plans.embed_chunk, d, dtype=torch.float64)
         padded[: prepared.vocab_size] = prepared.wte
-        wte_int = fp.quantize_weight(padded)
-        self.embed = [
-            plans.embed.encode_weights(encoder, wte_int[c * plans.embed_chunk : (c + 1) * plans.embed_chunk])
-            for c in range(plans.embed_chunks)
-        ]
+        self.embed_plan = plans.embed
+        self.wte_chunks = fp.quantize_weight(padded).astype(np.int32).reshape(plans.embed_chunks, plans.embed_chunk, d)
+        self.embed = [plans.embed.encode_weights(encoder, chunk) for chunk in self.wte_chunks]
         self.wpe = fp.quantize_weight(prepared.wpe)  # added at weight_bits (one-hot x wte has weight_bits)
         tick()
 
         def linear(plan, lin):
-            enc = EncodedLinear(plan, plan.encode_weights(encoder, fp.quantize_weight(lin.weight)), fp.quantize_product(lin.bias))
+            quantized = fp.quantize_weight(lin.weight).astype(np.int32)
+            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), quantized)
             tick()
             return enc
 
@@ -250,6 +325,12 @@ class EncodedGPT2:
                 }
             )
         self.lm_head = linear(plans.lm_head, prepared.lm_head)
+
+    def embed_weights(self, he, plan: MatvecPlan) -> list:
+        """Per vocabulary chunk, the embedding's diagonals for ``plan``."""
+        if plan is self.embed_plan:
+            return self.embed
+        return [plan.encode_weights(he, chunk) for chunk in self.wte_chunks]
 
 
 class SecureGPT2:
@@ -287,6 +368,7 @@ class SecureGPT2:
         self.passes = 0
         self.tokens_processed = 0
         self.refreshed_blocks = 0  # cache blocks sent through the masked round trip
+        self.packed = True  # the current pass's choice (step)
         self.reset()
 
     @contextmanager
@@ -322,12 +404,17 @@ class SecureGPT2:
         return sum(c.nbytes for c in self.caches) + sum(c.nbytes for c in self.outer_caches if c is not None)
 
     # ------------------------------------------------------------------ steps
-    def step(self, token_ids, logits_for: list[bool]):
+    def step(self, token_ids, logits_for: list[bool], packed: bool = True):
         """Process the next T tokens in one pass (prefill: T > 1; decode: T = 1).
 
         token_ids: the client's T token ids (the server passes None).
         logits_for: T flags, public; only a suffix may be True (the positions
             whose logits the caller needs; the LM head runs for those only).
+        packed: let the pass put several tokens per ciphertext and run a first
+            pass's own attention on shares where that is estimated cheaper
+            (``GPT2Plans.for_pass``, ``PrefillLayoutPolicy.prompt_on_shares``);
+            False: one token per ciphertext, attention over the cache (the
+            benchmarks' token-by-token baseline). Public, the same on both sides.
         Returns the logits shares (keep x vocab) or None when no flag is set.
 
         All T tokens go through each MPC op together, so a prefill of T tokens
@@ -351,6 +438,7 @@ class SecureGPT2:
         channel.timeout_s = base_timeout * (1 + T // 8)
         # The first pass of a conversation may store its tokens in the outer layout.
         store_outer = self.policy.plan(T) if t0 == 0 and self.policy.use_outer(T) else None
+        self.packed = packed
         try:
             if t0:
                 with self._timed("refresh"):
@@ -373,50 +461,52 @@ class SecureGPT2:
         return self._linear(x, "lm_head", None)
 
     def _embed(self, token_ids, t0: int, T: int):
+        """The client's one-hot rows (chunks of the vocabulary) times wte under HE, plus wpe."""
         party, plans = self.party, self.plans
         he = party.he
-        n_chunks = plans.embed_chunks
+        plan = self._plan_for("embed", T)
+        n_chunks, chunk = plans.embed_chunks, plans.embed_chunk
+        io = MatvecIO(plan, T)
         if party.is_client:
-            blobs = []
-            for token_id in token_ids:
-                one_hot = np.zeros(n_chunks * plans.embed_chunk, dtype=np.int64)
-                one_hot[token_id] = 1
-                for chunk in one_hot.reshape(n_chunks, plans.embed_chunk):
-                    blobs.append(he.serialize_ct(he.encrypt(plans.embed.pack_input(chunk))))
-            party.channel.send("embed.onehot", pack_blobs(blobs))
+            one_hot = np.zeros((T, n_chunks * chunk), dtype=np.int64)
+            one_hot[np.arange(T), token_ids] = 1
+            slots = [v for c in range(n_chunks) for v in io.pack_input(one_hot[:, c * chunk : (c + 1) * chunk])]
+            party.channel.send("embed.onehot", pack_blobs([he.serialize_ct(he.encrypt(v)) for v in slots]))
             outs = None
         else:
             blobs = unpack_blobs(party.channel.recv_payload("embed.onehot"))
-            if len(blobs) != T * n_chunks:
-                raise ValueError(f"client sent {len(blobs)} embedding ciphertexts, expected {T * n_chunks}")
-            outs = []
-            for i in range(T):
-                token_tiles = None
-                for c, weights in enumerate(self.encoded.embed):
-                    tiles = plans.embed.apply(he, weights, he.load_ct(blobs[i * n_chunks + c]))
-                    if token_tiles is None:
-                        token_tiles = tiles
-                    else:
-                        for acc, tile in zip(token_tiles, tiles):
-                            he.evaluator.add_inplace(acc, tile)
-                outs.extend(token_tiles)
+            per_chunk = io.ciphertexts
+            if len(blobs) != n_chunks * per_chunk:
+                raise ValueError(f"client sent {len(blobs)} embedding ciphertexts, expected {n_chunks * per_chunk}")
+            outs = None
+            for c, weights in enumerate(self.encoded.embed_weights(he, plan)):  # outputs of all chunks add up
+                tiles = [tile for blob in blobs[c * per_chunk : (c + 1) * per_chunk] for tile in plan.apply(he, weights, he.load_ct(blob))]
+                if outs is None:
+                    outs = tiles
+                else:
+                    for acc, tile in zip(outs, tiles):
+                        he.evaluator.add_inplace(acc, tile)
         wpe = self.encoded.wpe[t0 : t0 + T].reshape(-1) if party.is_server else None
         d = self.shape.n_embd
-        h = he_to_shares(party, outs, MatvecIO(plans.embed, T), self.fp.weight_bits, T * d, server_addend=wpe)
+        h = he_to_shares(party, outs, io, self.fp.weight_bits, T * d, server_addend=wpe)
         return h.reshape(T, d)
+
+    def _plan_for(self, name: str, T: int):
+        return self.plans.for_pass(name, T) if self.packed else getattr(self.plans, name)
 
     def _linear(self, x, name: str, layer: int | None):
         """x (T x d_in shares) @ W + b for the named linear layer -> T x d_out shares (16 bits)."""
         party = self.party
-        plan = getattr(self.plans, name)
         T = x.size(0)
+        plan = self._plan_for(name, T)
         io = MatvecIO(plan, T)
         with self._timed("to_he"):
             cts = shares_to_he(party, x.reshape(-1), io, self.fp.activation_bits)
         with self._timed(name):
             if party.is_server:
                 enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
-                outs = [tile for ct in cts for tile in plan.apply(party.he, enc.weights, ct)]
+                weights = enc.weights_for(party.he, plan)
+                outs = [tile for ct in cts for tile in plan.apply(party.he, weights, ct)]
                 bias = np.tile(enc.bias, T)
             else:
                 outs, bias = None, None
@@ -429,20 +519,61 @@ class SecureGPT2:
         """One transformer block over T new tokens at positions t0..t0+T-1.
 
         store_outer: in a conversation's first pass, the outer plan its tokens
-        are stored with. Their own attention runs against the inner layout
-        (one product per block per query is the cheap way for T queries);
-        then the inner blocks are dropped and K, V live on as diagonals.
+        are stored with (else they go to the inner layout).
         """
+        shape = self.shape
+        with self._timed("layernorm"):
+            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
+        qkv = self._linear(x, "qkv", layer)
+        if t0 == 0 and self.packed and self.policy.prompt_on_shares(T):
+            attn = self._prompt_attention(layer, qkv, T, store_outer)
+        else:
+            attn = self._cached_attention(layer, qkv, t0, T, store_outer)
+        h = h + self._linear(attn, "attn_out", layer)
+        with self._timed("layernorm"):
+            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
+        m = self._linear(x, "fc_in", layer)
+        with self._timed("gelu"):
+            m = ops.gelu(m)
+        return h + self._linear(m, "fc_out", layer)
+
+    def _prompt_attention(self, layer: int, qkv, T: int, store_outer: OuterAttentionPlan | None):
+        """A conversation's first pass: its keys and values go into a new
+        encrypted cache as whole blocks (or outer diagonals), and its own
+        causal attention runs on shares (protocol/shared_matmul.py), with
+        plaintext-ciphertext products only."""
+        party, shape, fa = self.party, self.shape, self.fp.activation_bits
+        d, n_head, dh = shape.n_embd, shape.n_head, shape.head_dim
+        kv_io = PromptKVIntoCache(self.plans.cache_layout, T, store_outer)
+        with self._timed("to_he"):
+            cts = shares_to_he(party, qkv[:, d:].reshape(-1), kv_io, fa)
+        if party.is_server:
+            k_cts, v_cts = kv_io.split(cts)
+            if store_outer is not None:
+                self.outer_caches[layer] = OuterKVCache(store_outer, k_cts, v_cts, party.he.noise_model.fresh)
+            else:
+                self.caches[layer].load_blocks(k_cts, v_cts, T)
+        heads = qkv.reshape(T, 3, n_head, dh).permute(1, 2, 0, 3)  # (q|k|v, head, T, dh)
+        with self._timed("scores"):
+            scores = shared_matmul(party, heads[0], heads[1].transpose(1, 2), fa, fa)
+        with self._timed("softmax"):
+            probs = ops.softmax(scores, dim=-1, causal=True)  # (heads, T, T)
+        with self._timed("attn_values"):
+            out = shared_matmul(party, probs, heads[2], CRYPTEN_FRAC_BITS, fa)  # (heads, T, dh)
+        return out.permute(1, 0, 2).reshape(T, d)
+
+    def _cached_attention(self, layer: int, qkv, t0: int, T: int, store_outer: OuterAttentionPlan | None):
+        """T queries against the encrypted cache (which their keys and values
+        join first): a ciphertext-ciphertext product per query and block.
+        With ``store_outer`` (a short first pass) the tokens' own attention
+        runs against the inner layout, then the inner blocks are dropped and
+        K, V live on as diagonals."""
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
         d, n_head = shape.n_embd, shape.n_head
         layout = self.plans.cache_layout
         outer, n_outer = self.outer, self.n_outer
         inner_t0, n_inner = t0 - n_outer, t0 + T - n_outer
         n_ctx = t0 + T
-
-        with self._timed("layernorm"):
-            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
-        qkv = self._linear(x, "qkv", layer)
 
         # q, k, v re-encrypted fresh in the cache layouts; k, v join the cache.
         qkv_io = QKVIntoCache(layout, inner_t0, T, outer_query=outer.plan if outer else None, outer_store=store_outer)
@@ -487,15 +618,7 @@ class SecureGPT2:
         with self._timed("from_he"):
             out_io = AttentionOutput(layout, T, outer)
             parts = he_to_shares(party, out_cts, out_io, fa + CRYPTEN_FRAC_BITS, out_io.parts * T * d)
-            attn = parts.reshape(out_io.parts, T, d).sum(dim=0)  # inner + outer contributions, free on shares
-
-        h = h + self._linear(attn, "attn_out", layer)
-        with self._timed("layernorm"):
-            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
-        m = self._linear(x, "fc_in", layer)
-        with self._timed("gelu"):
-            m = ops.gelu(m)
-        return h + self._linear(m, "fc_out", layer)
+        return parts.reshape(out_io.parts, T, d).sum(dim=0)  # inner + outer contributions, free on shares
 
     # ------------------------------------------------------------- benchmarks
     def fill_for_benchmark(self, n_tokens: int, seed: int = 0):

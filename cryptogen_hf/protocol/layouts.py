@@ -37,23 +37,26 @@ class SlotVector:
 
 
 class MatvecIO:
-    """Input and output of a ``DecodeMatvecPlan`` for ``rows`` tokens at once.
-
-    Each token is its own product (one input ciphertext, n_tiles outputs);
-    batching them in one conversion keeps the rounds of a single token.
-    """
+    """Input and output of a ``MatvecPlan`` for ``rows`` tokens at once: the
+    plan's ``tokens`` rows per input ciphertext (the last one partly empty),
+    ``n_tiles`` output ciphertexts each. Batching all rows in one conversion
+    keeps the rounds of a single token."""
 
     def __init__(self, plan, rows: int = 1):
         self.plan, self.rows = plan, rows
+        self.ciphertexts = -(-rows // plan.tokens)  # input ciphertexts
 
     def pack_input(self, values):
         x = np.asarray(values).reshape(self.rows, self.plan.d_in)
-        return [self.plan.pack_input(row) for row in x]
+        m = self.plan.tokens
+        return [self.plan.pack_rows(x[i * m : (i + 1) * m]) for i in range(self.ciphertexts)]
 
     def unpack_output(self, slots):
         tiles = self.plan.n_tiles
-        groups = [np.stack([np.asarray(s) for s in slots[i * tiles : (i + 1) * tiles]]) for i in range(self.rows)]
-        return np.concatenate([self.plan.unpack_output(g) for g in groups])
+        if len(slots) != self.ciphertexts * tiles:
+            raise ValueError(f"{len(slots)} result ciphertexts, the layout expects {self.ciphertexts * tiles}")
+        groups = [self.plan.unpack_rows(np.stack([np.asarray(s) for s in slots[i * tiles : (i + 1) * tiles]])) for i in range(self.ciphertexts)]
+        return np.concatenate(groups)[: self.rows].reshape(-1)
 
 
 class OuterPart:
@@ -133,6 +136,44 @@ class QKVIntoCache:
         elif rest:
             raise ValueError(f"{len(rest)} ciphertexts more than the layout expects")
         return parts
+
+
+class PromptKVIntoCache:
+    """A conversation's first pass: the k|v rows of its T tokens -> the fresh
+    ciphertexts of a new cache, whole blocks at once (no queries: the prompt's
+    own attention runs on shares, protocol/shared_matmul.py).
+
+    Inner layout: ceil(T / B) key blocks, then as many value blocks, each
+    with every token at its slot offset (``InnerKVCache.load_blocks``).
+    Outer layout (``outer_store``): the nonzero K diagonals then V diagonals.
+    """
+
+    def __init__(self, cache_layout, rows: int, outer_store=None):
+        self.cache, self.rows, self.outer_store = cache_layout, rows, outer_store
+        if outer_store is not None and outer_store.T != rows:
+            raise ValueError(f"an outer tile for {outer_store.T} tokens cannot store {rows}")
+        self.n_blocks = -(-rows // cache_layout.B)
+
+    def pack_input(self, values):
+        kv = np.asarray(values, dtype=np.int64).reshape(self.rows, 2, -1)
+        if self.outer_store is not None:
+            shape = (self.rows, self.outer_store.H, self.outer_store.dh)
+            return pack_outer_kv(self.outer_store, kv[:, 0].reshape(shape), kv[:, 1].reshape(shape))
+        out = []
+        for which in range(2):
+            blocks = np.zeros((self.n_blocks, self.cache.n_slots), dtype=np.int64)
+            for t in range(self.rows):
+                blocks[t // self.cache.B] += self.cache.pack_token(kv[t, which], t)
+            out.extend(blocks)
+        return out
+
+    def split(self, cts: list) -> tuple[list, list]:
+        """(K, V): block lists (inner) or (giant x baby) diagonal lists (outer)."""
+        if self.outer_store is not None:
+            return unpack_outer_kv(self.outer_store, cts)
+        if len(cts) != 2 * self.n_blocks:
+            raise ValueError(f"{len(cts)} ciphertexts, the layout expects {2 * self.n_blocks}")
+        return cts[: self.n_blocks], cts[self.n_blocks :]
 
 
 class ScoresFromCache:

@@ -179,6 +179,7 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
     - ``to_he.ciphertexts``: the input of one HE product for a whole pass
       (one ciphertext per token and input row; 8 rows is more than any plan
       uses) or a cache's worth of keys and values for the prefill layouts;
+    - ``matmul.ciphertexts``: the two operands of a prompt's attention product;
     - ``mpc``: CrypTen's largest opening, int64 values for every token of a
       pass times the widest per-token tensor (vocabulary, 4 d, or the
       attention scores of all heads), or a correlation batch message."""
@@ -193,6 +194,9 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
         "refresh.fresh": cache_cts * ct_bytes + framing,
         "bench.fill": cache_cts * ct_bytes + framing,
         "to_he.ciphertexts": (T * 8 + cache_cts) * ct_bytes + framing,
+        # A prompt's attention on shares: both operands of Q K^T (head_dim
+        # ciphertexts each) or of P V (one per token each).
+        "matmul.ciphertexts": 2 * max(T, shape.head_dim) * ct_bytes + framing,
         "step.refresh_plan": 1 << 20,
         transport.MPC_KIND: max(CORRELATION_MESSAGE_BYTES, 8 * T * max(shape.vocab_size, 4 * d, shape.n_head * T)),
     }
@@ -246,6 +250,8 @@ def check_request(request: dict, n_tokens: int, n_positions: int, diagnostics: b
         _check_count(len(flags), 1, n_positions - n_tokens, "the number of tokens to run")
         if check_temperature(request.get("temperature")) is not None and reveal != "token":
             raise BadRequest("sampling inside MPC (temperature) is for mpc.reveal: token")
+        if not isinstance(request.get("packed", True), bool):
+            raise BadRequest("forward's packed is true or false")
     elif op == "prepare":
         check_prepare_tokens(request.get("tokens"), n_tokens, n_positions)
     elif op == "crop":
@@ -314,7 +320,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                 continue
             if op == "forward":
                 plan.start_pass(len(request["logits_for"]))
-                logits = runner.step(None, request["logits_for"])
+                logits = runner.step(None, request["logits_for"], packed=request.get("packed", True))
                 plan.end_pass()
                 if logits is not None:
                     runner.reveal_to_client(logits, hello["reveal"], request.get("temperature"))
@@ -419,14 +425,16 @@ class ClientSession:
         check_request(request, self.runner.n_tokens, self.shape.n_positions, diagnostics=True, reveal=self.config.mpc.reveal)
         self.channel.send("request", json.dumps(request).encode())
 
-    def forward(self, token_ids: list[int], logits_for: list[bool], temperature: float | None = None):
+    def forward(self, token_ids: list[int], logits_for: list[bool], temperature: float | None = None, packed: bool = True):
         """Run ``token_ids`` through the secure model in one pass.
 
         Returns float64 logits (n_flagged x vocab) for the flagged positions (a
         suffix), or None if none is flagged. With ``mpc.reveal: token`` only a
         token is opened: the row is 0 at that token and -inf elsewhere; the
         argmax, or with ``temperature`` a token drawn from
-        softmax(logits / temperature) inside MPC.
+        softmax(logits / temperature) inside MPC. ``packed=False`` runs the
+        pass token by token (one token per ciphertext, attention over the
+        cache): the benchmarks' baseline; the result is the same.
         """
         temperature = check_temperature(temperature)
         if len(token_ids) != len(logits_for):
@@ -443,10 +451,10 @@ class ClientSession:
                 raise ValueError(f"token id {tok} outside the vocabulary (0..{self.shape.vocab_size - 1})")
         flags = [bool(w) for w in logits_for]
         self.mpc.activate()
-        self._request(op="forward", logits_for=flags, **({} if temperature is None else {"temperature": temperature}))
+        self._request(op="forward", logits_for=flags, packed=bool(packed), **({} if temperature is None else {"temperature": temperature}))
         try:
             self.plan.start_pass(len(flags))
-            logits = self.runner.step([int(t) for t in token_ids], flags)
+            logits = self.runner.step([int(t) for t in token_ids], flags, packed=bool(packed))
             self.plan.end_pass()
             if logits is None:
                 return None
