@@ -148,16 +148,16 @@ def test_cache_continues_a_conversation_without_recomputing(secure_model, plain_
 
 
 def test_packed_prompt_pass_matches_plaintext_at_every_position(secure_model, plain_model):
-    """A 70-token first pass, packed: the linear layers put 32 tokens in a
-    ciphertext (three ciphertexts, the last partly empty), the prompt's own
-    causal attention runs on shares. Every position's logits (all 70 through
-    the packed LM head) match plaintext, and so does each greedy choice.
+    """A 40-token first pass, packed: the linear layers put 32 tokens in a
+    ciphertext (two ciphertexts, the second partly empty), the prompt's own
+    causal attention runs on shares. Every position's logits (all 40 through
+    the LM head) match plaintext, and so does each greedy choice.
     Then decoding continues from the cache the packed pass filled."""
     session = secure_model.session
-    T = 70
+    T = 40
     ids = torch.randint(1, session.shape.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
     qkv = session.plans.for_pass("qkv", T)
-    assert qkv.tokens > 1 and -(-T // qkv.tokens) >= 3 and session.policy.prompt_on_shares(T)
+    assert qkv.tokens > 1 and -(-T // qkv.tokens) >= 2 and session.policy.prompt_on_shares(T)
     session.reset()
     logits = torch.as_tensor(session.forward(ids[0].tolist(), [True] * T))
     with torch.no_grad():

@@ -109,6 +109,12 @@ class FixedPoint:
 # Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)).
 PACKED_TOKENS = (2, 4, 8, 16, 32)
 LINEARS = ("qkv", "attn_out", "fc_in", "fc_out", "lm_head")
+# The matrix products a pass may pack. Not the LM head: a pass needs the
+# logits of few positions (the last, or a speculative check's few). Not the
+# embedding: packing its long one-hot rows gains little (1.4x estimated for
+# the shipped model, ~5 % of a prompt's time) and its rotations would add
+# 18 Galois keys (25 MiB) to every session's key bundle.
+PACKED = ("qkv", "attn_out", "fc_in", "fc_out")
 
 
 def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> MatvecPlan | None:
@@ -131,7 +137,7 @@ def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
 class GPT2Plans:
     """Shape-only HE plans; both parties build the same ones from ``ModelShape``.
 
-    Each linear layer (and the embedding) has two plans: a decode plan (one
+    Each linear layer of the blocks has two plans: a decode plan (one
     token per ciphertext, weights encoded once at load) and a packed plan
     (several tokens per ciphertext, weights encoded for each pass). A pass
     of T tokens takes the one with the lower estimated time (``for_pass``),
@@ -164,15 +170,12 @@ class GPT2Plans:
         self.fc_in = MatvecPlan(d, 4 * d, he_params)
         self.fc_out = MatvecPlan(4 * d, d, he_params)
         self.lm_head = MatvecPlan(d, v, he_params)
-        self.packed = {
-            name: packed_plan(plan.d_in, plan.d_out, he_params)
-            for name, plan in (("embed", self.embed), *((n, getattr(self, n)) for n in LINEARS))
-        }
+        self.packed = {name: packed_plan(getattr(self, name).d_in, getattr(self, name).d_out, he_params) for name in PACKED}
         self.cache_layout = InnerKVCache(shape.n_head, shape.head_dim, he_params)
 
     def for_pass(self, name: str, T: int) -> MatvecPlan:
-        """The plan of linear ``name`` ("embed", "qkv", ...) for a pass of T tokens."""
-        decode, packed = getattr(self, name), self.packed[name]
+        """The plan of linear ``name`` ("qkv", ...) for a pass of T tokens."""
+        decode, packed = getattr(self, name), self.packed.get(name)
         if packed is None or T < 2:
             return decode
         return packed if pass_seconds(packed, T) < pass_seconds(decode, T) else decode
@@ -302,9 +305,8 @@ class EncodedGPT2:
         # Embedding: rows of wte, zero-padded to whole chunks.
         padded = torch.zeros(plans.embed_chunks * plans.embed_chunk, d, dtype=torch.float64)
         padded[: prepared.vocab_size] = prepared.wte
-        self.embed_plan = plans.embed
-        self.wte_chunks = fp.quantize_weight(padded).astype(np.int32).reshape(plans.embed_chunks, plans.embed_chunk, d)
-        self.embed = [plans.embed.encode_weights(encoder, chunk) for chunk in self.wte_chunks]
+        wte_int = fp.quantize_weight(padded).reshape(plans.embed_chunks, plans.embed_chunk, d)
+        self.embed = [plans.embed.encode_weights(encoder, chunk) for chunk in wte_int]
         self.wpe = fp.quantize_weight(prepared.wpe)  # added at weight_bits (one-hot x wte has weight_bits)
         tick()
 
@@ -325,12 +327,6 @@ class EncodedGPT2:
                 }
             )
         self.lm_head = linear(plans.lm_head, prepared.lm_head)
-
-    def embed_weights(self, he, plan: MatvecPlan) -> list:
-        """Per vocabulary chunk, the embedding's diagonals for ``plan``."""
-        if plan is self.embed_plan:
-            return self.embed
-        return [plan.encode_weights(he, chunk) for chunk in self.wte_chunks]
 
 
 class SecureGPT2:
@@ -464,7 +460,7 @@ class SecureGPT2:
         """The client's one-hot rows (chunks of the vocabulary) times wte under HE, plus wpe."""
         party, plans = self.party, self.plans
         he = party.he
-        plan = self._plan_for("embed", T)
+        plan = plans.embed
         n_chunks, chunk = plans.embed_chunks, plans.embed_chunk
         io = MatvecIO(plan, T)
         if party.is_client:
@@ -479,7 +475,7 @@ class SecureGPT2:
             if len(blobs) != n_chunks * per_chunk:
                 raise ValueError(f"client sent {len(blobs)} embedding ciphertexts, expected {n_chunks * per_chunk}")
             outs = None
-            for c, weights in enumerate(self.encoded.embed_weights(he, plan)):  # outputs of all chunks add up
+            for c, weights in enumerate(self.encoded.embed):  # outputs of all chunks add up
                 tiles = [tile for blob in blobs[c * per_chunk : (c + 1) * per_chunk] for tile in plan.apply(he, weights, he.load_ct(blob))]
                 if outs is None:
                     outs = tiles
