@@ -23,6 +23,12 @@ products run under BFV at the server (DESIGN sections 4-5):
 
 Cost per new token is linear in the context: the cache is never recomputed.
 
+A pass of many tokens (a prompt) packs them: several tokens per ciphertext
+in the blocks' linear layers (``GPT2Plans.for_pass``), and in a
+conversation's first pass the prompt's own causal attention runs on shares
+with plaintext-ciphertext products only (``protocol/shared_matmul.py``),
+while its keys and values go into the encrypted cache as whole blocks.
+
 Fixed point: activations enter HE with ``activation_bits`` fractional bits,
 weights carry ``weight_bits``; a product has the sum, and the HE -> shares
 conversion rescales to CrypTen's 16.
@@ -287,7 +293,7 @@ class EncodedLinear:
     plan: MatvecPlan  # the decode plan
     weights: list  # its pre-encoded NTT plaintexts (plan.encode_weights)
     bias: np.ndarray  # int64, at activation_bits + weight_bits fractional bits
-    quantized: np.ndarray  # W (d_in x d_out) at weight_bits, int32: a packed pass encodes its own diagonals from it
+    quantized: np.ndarray | None  # W (d_in x d_out) at weight_bits, int32, for the layers a pass may pack: it encodes its own diagonals
 
     def weights_for(self, he, plan: MatvecPlan) -> list:
         return self.weights if plan is self.plan else plan.encode_weights(he, self.quantized)
@@ -312,7 +318,8 @@ class EncodedGPT2:
 
         def linear(plan, lin):
             quantized = fp.quantize_weight(lin.weight).astype(np.int32)
-            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), quantized)
+            kept = quantized if plan is not plans.lm_head else None  # the LM head is never packed (PACKED)
+            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), kept)
             tick()
             return enc
 
