@@ -153,10 +153,10 @@ def test_bench_writes_json_and_plot(tmp_path):
 
     # --prefill: time to first token, packed and token by token, at each length, one run.
     out = tmp_path / "prefill.json"
-    result = cryptogen("bench", "--model", model_dir, "--prefill", "--lengths", 3, 8, "--baseline-lengths", 8, "--out", out)
+    result = cryptogen("bench", "--model", model_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [(r["prompt_tokens"], r["path"]) for r in report["rows"]] == [(3, "packed"), (8, "token by token"), (8, "packed")]
+    assert [(r["prompt_tokens"], r["path"]) for r in report["rows"]] == [(2, "packed"), (7, "token by token"), (7, "packed")]
     for row in report["rows"]:
         assert row["time_to_first_token_s"] > 0 and row["server_breakdown_s"]["embedding"] > 0
     assert report["rows"][1]["packed_speedup"] == report["rows"][2]["packed_speedup"] > 0
