@@ -89,7 +89,9 @@ def test_bad_requests_are_refused_and_the_session_goes_on(server, tiny_checkpoin
         out = model.generate(torch.tensor([[5, 17, 250]]), cache=cache, max_new_tokens=2, do_sample=False)
         with pytest.raises(ValueError, match="no new tokens to run"):
             model.generate(out[:, :3], cache=cache, max_new_tokens=1, do_sample=False)
-        for request in ({"op": "fly"}, {"op": "forward", "logits_for": []}, {"op": "crop", "length": 99}, [1, 2]):
+        bad = ({"op": "fly"}, {"op": "forward", "logits_for": []}, {"op": "forward", "logits_for": [True], "packed": "yes"},
+               {"op": "crop", "length": 99}, [1, 2])
+        for request in bad:
             session.channel.send("request", json.dumps(request).encode())
             with pytest.raises(PeerReportedError, match="bad request"):
                 session.channel.recv_payload("reply")
