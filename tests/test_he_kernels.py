@@ -109,6 +109,24 @@ def test_packed_matvec_exact(setup, name, shape, rows):
     assert est <= min(client.noise_budget(o) for o in outs)
 
 
+@pytest.mark.parametrize("heads,rows,inner,cols", [(4, 37, 48, 37), (12, 20, 64, 33)])
+def test_column_product_exact_with_uniform_operands(setup, heads, rows, inner, cols):
+    """Enc(A) @ B per head, with both operands uniform in Z_p (masked shares, as
+    in a prompt's attention): exact mod p, partly empty segments included, and
+    the noise estimate is safe."""
+    from cryptogen_hf.he.columns import ColumnProductPlan
+
+    params, client, server, *_ = setup
+    p, rng = params.plain_modulus, np.random.default_rng(4)
+    plan = ColumnProductPlan(heads, rows, inner, cols, params)
+    A = rng.integers(0, p, (heads, rows, inner), dtype=np.uint64)
+    B = rng.integers(0, p, (heads, inner, cols), dtype=np.uint64)
+    outs = plan.apply(server, [client.encrypt(v) for v in plan.pack_input(A.astype(np.int64))], B.astype(np.int64))
+    Y = plan.unpack_output([client.decrypt(o) for o in outs]).astype(object)
+    assert (Y == np.einsum("hri,hic->hrc", A.astype(object), B.astype(object)) % p).all()
+    assert plan.estimate_budget(server.noise_model, server.noise_model.fresh) <= min(client.noise_budget(o) for o in outs)
+
+
 def test_packed_plan_refuses_bad_token_counts():
     params = HEParams()
     with pytest.raises(ValueError, match="tokens per ciphertext"):

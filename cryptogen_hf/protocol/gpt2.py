@@ -114,7 +114,6 @@ class FixedPoint:
 
 # Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)).
 PACKED_TOKENS = (2, 4, 8, 16, 32)
-LINEARS = ("qkv", "attn_out", "fc_in", "fc_out", "lm_head")
 # The matrix products a pass may pack. Not the LM head: a pass needs the
 # logits of few positions (the last, or a speculative check's few). Not the
 # embedding: packing its long one-hot rows gains little (1.4x estimated for
