@@ -2,8 +2,9 @@
 
 Layout (one home per concern):
   he/        BFV kernels on SEAL (tenseal.sealapi): keys, matrix products, cache layouts
-  mpc/       CrypTen secret-sharing runtime and non-linear ops (softmax, GELU, LayerNorm)
-  protocol/  conversions between HE ciphertexts and secret shares, transport
+  mpc/       CrypTen secret-sharing runtime and non-linear ops (softmax, GELU, SiLU, LayerNorm, RMSNorm)
+  protocol/  the secure decoder's layers, conversions between HE ciphertexts and secret shares, transport
+  families/  per-architecture wiring (GPT-2, LLaMA/Mistral/Qwen2): shape, weights, block
   hf/        HuggingFace integration (model, encrypted cache)
   server/    the model-hosting server
 """
@@ -18,7 +19,7 @@ SHIPPED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gpt2"
 
 def __getattr__(name):
     # Lazy: `import cryptogen_hf` stays light; the HF classes pull in transformers and crypten.
-    if name in ("CryptoGenForCausalLM", "EncryptedCache", "CryptoGenGPT2Config"):
+    if name in ("CryptoGenForCausalLM", "EncryptedCache", "CryptoGenModelConfig"):
         from .hf import modeling
 
         return getattr(modeling, name)

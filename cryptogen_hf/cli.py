@@ -160,7 +160,7 @@ def main(argv=None, prog: str = "cryptogen") -> int:
     from .cli_common import CLIError
     from .config import ConfigError
     from .protocol.credentials import CredentialsError
-    from .server.weights import UnsupportedArchitectureError
+    from .families import UnsupportedArchitectureError
 
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

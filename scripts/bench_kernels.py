@@ -138,7 +138,7 @@ class HEBench:
 
     def __init__(self, cases):
         from cryptogen_hf.he import ClientHE, HEParams, InnerKVCache, MatvecPlan, OuterAttentionPlan, ServerHE
-        from cryptogen_hf.protocol.gpt2 import packed_plan
+        from cryptogen_hf.protocol.decoder import packed_plan
 
         self.params = HEParams()
         self.rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from cryptogen_hf.config import CryptoGenConfig
-from cryptogen_hf.protocol.gpt2 import ModelShape
+from cryptogen_hf.families import gpt2
 from cryptogen_hf.server.serve import generation_metadata
 
 
@@ -26,7 +26,7 @@ class PlaintextStandInSession:
         self.model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
         self.config = config or CryptoGenConfig()
         c = self.model.config
-        self.shape = ModelShape(c.n_layer, c.n_embd, c.n_head, c.n_positions, c.vocab_size, c.layer_norm_epsilon)
+        self.shape = gpt2.shape_from_config(c)
         self.generation = generation_metadata(Path(checkpoint))
         self.tokens: list[int] = []
         self.passes: list[int] = []  # tokens per forward pass, as the server would run them

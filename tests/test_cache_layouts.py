@@ -15,14 +15,16 @@ from cryptogen_hf import SHIPPED_MODEL_DIR
 from cryptogen_hf.config import CacheSettings, ConfigError, CryptoGenConfig, load_config
 from cryptogen_hf.he import HEParams, InnerKVCache, OuterAttentionPlan
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
-from cryptogen_hf.protocol.gpt2 import ModelShape, PrefillLayoutPolicy
+from cryptogen_hf.families import ModelShape
+from cryptogen_hf.protocol.decoder import PrefillLayoutPolicy
 from cryptogen_hf.protocol.layouts import QKVIntoCache
 
 PARAMS = HEParams()
 
 
 def _shape(n_layer, d, heads, ctx, vocab):
-    return ModelShape(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=ctx, vocab_size=vocab, ln_eps=1e-5)
+    return ModelShape(family="gpt2", n_layer=n_layer, n_embd=d, n_head=heads, n_kv_head=heads, head_dim=d // heads, d_mlp=4 * d,
+                      n_positions=ctx, vocab_size=vocab, norm_eps=1e-5)
 
 
 GPT2_BASE = _shape(12, 768, 12, 1024, 50257)

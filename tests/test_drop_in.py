@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT
 
 from cryptogen_hf.config import CryptoGenConfig, MPCSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
-from cryptogen_hf.server.weights import UnsupportedArchitectureError, check_supported
+from cryptogen_hf.families import UnsupportedArchitectureError, family_for_config
 
 
 @pytest.fixture()
@@ -96,13 +96,14 @@ def test_batches_name_the_fix(checkpoint):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"n_embd": 1280, "n_head": 20}, "exceed the HE row of 4096 slots"),  # GPT-2 large
-    ({"n_inner": 100}, "n_inner=100"),
+    ({"n_embd": 1280, "n_head": 20}, "n_embd=1280 is too wide.*HE row of 4096 slots"),  # GPT-2 large
+    ({"n_inner": 8192}, "n_inner.*=8192"),
+    ({"activation_function": "relu"}, "relu"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
 ])
 def test_unsupported_gpt2_variants_are_refused_by_name_from_the_config(change, named):
     with pytest.raises(UnsupportedArchitectureError, match=named):
-        check_supported(GPT2Config(**{"n_layer": 1, "n_embd": 64, "n_head": 2, **change}))
+        family_for_config(GPT2Config(**{"n_layer": 1, "n_embd": 64, "n_head": 2, **change}))
 
 
 @pytest.mark.timeout(300)
@@ -120,7 +121,7 @@ def test_remote_model_uses_the_servers_metadata_and_save_pretrained_loads_throug
         plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(ids, do_sample=False)
         assert secure.tolist() == plain.tolist()
         saved = json.loads((tmp_path / "secure" / "config.json").read_text())
-        assert saved["model_type"] == "cryptogen-gpt2" and saved["cryptogen"]["server"] == live.address
+        assert saved["model_type"] == "cryptogen" and saved["cryptogen"]["server"] == live.address
         assert live.tokens["alice"] not in (tmp_path / "secure" / "config.json").read_text()  # no token is written
         assert not list((tmp_path / "secure").glob("*.safetensors"))
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "secure", server_token=live.tokens["alice"])

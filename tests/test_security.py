@@ -41,11 +41,12 @@ from cryptogen_hf.he import ServerHE
 from cryptogen_hf.he.keys import _unpack_blobs as unpack_key_bundle
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
 from cryptogen_hf.mpc.runtime import CLIENT, MPCConfig, launch_local, party_channel, rank_of
-from cryptogen_hf.protocol import gpt2
+from cryptogen_hf.protocol import decoder
 from cryptogen_hf.protocol.session import server_message_limits
 from cryptogen_hf.protocol.transport import PeerReportedError
 from cryptogen_hf.protocol.wire import pack_blobs, unpack_blobs
-from cryptogen_hf.server.weights import normalize, prepare_gpt2
+from cryptogen_hf.families import gpt2
+from cryptogen_hf.server.weights import normalize
 
 SETTINGS = CryptoGenConfig(timeouts=TimeoutSettings(peer_s=30, startup_s=60, idle_s=300))
 # Long enough that the first pass is packed: several tokens per ciphertext in the linear
@@ -160,13 +161,13 @@ def _first_block_activations(checkpoint, token_ids) -> dict:
     of the intermediates of block 0 (LayerNorm affines folded, as the protocol
     computes them) and the logits, from the plaintext model."""
     plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
-    prep = prepare_gpt2(plain)
+    prep = gpt2.prepare(plain)
     ids = torch.tensor(token_ids)
     block = prep.blocks[0]
     out = {"h0": prep.wte[ids] + prep.wpe[: len(token_ids)], "wte_rows": prep.wte[ids]}
-    out["ln1"] = normalize(out["h0"], block.ln_1_eps)
-    out["ln1_times_w"] = out["ln1"] @ block.qkv.weight  # what the qkv conversion carries (the bias is the server's addend)
-    out["qkv"] = out["ln1_times_w"] + block.qkv.bias
+    out["ln1"] = normalize(out["h0"], prep.shape.norm_eps)
+    out["ln1_times_w"] = out["ln1"] @ block["qkv"].weight  # what the qkv conversion carries (the bias is the server's addend)
+    out["qkv"] = out["ln1_times_w"] + block["qkv"].bias
     layer = plain.transformer.h[0]
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: out.update({name: (o[0] if isinstance(o, tuple) else o)[0]}))
              for name, module in (("attn", layer.attn), ("fc_in", layer.mlp.c_fc), ("mlp", layer.mlp))]
@@ -205,7 +206,7 @@ def audited(recording_server, tiny_checkpoint):
     proc, live, folder = recording_server
     before = set(folder.glob("transcript-*.pkl"))
     client_view = []  # (frac_bits, values) of every HE -> shares conversion, as the client decrypted them
-    original = gpt2.he_to_shares
+    original = decoder.he_to_shares
 
     def recording_he_to_shares(party, ciphertexts, layout, frac_bits, n, server_addend=None):
         unpack = layout.unpack_output
@@ -218,13 +219,13 @@ def audited(recording_server, tiny_checkpoint):
         layout.unpack_output = record
         return original(party, ciphertexts, layout, frac_bits, n, server_addend)
 
-    gpt2.he_to_shares = recording_he_to_shares
+    decoder.he_to_shares = recording_he_to_shares
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs(), settings=SETTINGS)
     try:
         tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
         he, session_id, stats = model.session.he, model.session.session_id, model.session.stats()
     finally:
-        gpt2.he_to_shares = original
+        decoder.he_to_shares = original
         model.close()
     # The session worker's (the accepting process records only the token check, in its own file).
     (transcript,) = set(folder.glob("transcript-*.pkl")) - before - {folder / f"transcript-{proc.pid}.pkl"}

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 from conftest import start_server, stop_server
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from cryptogen_hf.config import CryptoGenConfig, FixedPointSettings, HESettings, MPCSettings, ServerSettings, TimeoutSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
@@ -19,7 +19,7 @@ from cryptogen_hf.mpc.runtime import PeerError
 from cryptogen_hf.protocol.session import ClientSession, HandshakeError
 from cryptogen_hf.protocol import credentials, transport
 from cryptogen_hf.protocol.transport import PeerReportedError, TransportError
-from cryptogen_hf.server.weights import UnsupportedArchitectureError
+from cryptogen_hf.families import UnsupportedArchitectureError
 
 
 def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(server, tiny_checkpoint):
@@ -215,9 +215,9 @@ def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):
 
 
 def test_unsupported_architecture_is_refused_before_starting_a_server(tmp_path):
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2, vocab_size=100)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=32,
+                             vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="model_type='opt'"):
         CryptoGenForCausalLM.from_pretrained(tmp_path)
 
 

@@ -30,19 +30,36 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, GPT2Config, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.logits_process import TemperatureLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import CryptoGenConfig, load_config
+from ..families import ModelShape
 from ..protocol.session import ClientSession
 
 
-class CryptoGenGPT2Config(GPT2Config):
-    """GPT-2 hyper-parameters plus where the secure server is; no weights involved."""
+class CryptoGenModelConfig(PretrainedConfig):
+    """The served model's public description (``families.ModelShape``, as the
+    handshake carries it) under HF's usual names, plus where the secure
+    server is (``cryptogen``); no weights involved. One config class for every
+    family: the client runs no modeling code of its own."""
 
-    model_type = "cryptogen-gpt2"
+    model_type = "cryptogen"
+    attribute_map = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+                     "n_positions": "max_position_embeddings"}
+
+    def __init__(self, shape: dict | None = None, cryptogen: dict | None = None, **kwargs):
+        self.shape = shape or {}
+        self.cryptogen = cryptogen or {}
+        if shape:
+            s = ModelShape.from_dict(shape)
+            kwargs.setdefault("name_or_path", s.name)
+            self.num_hidden_layers, self.hidden_size, self.vocab_size = s.n_layer, s.n_embd, s.vocab_size
+            self.num_attention_heads, self.num_key_value_heads, self.head_dim = s.n_head, s.n_kv_head, s.head_dim
+            self.intermediate_size, self.max_position_embeddings = s.d_mlp, s.n_positions
+        super().__init__(**kwargs)
 
 
 class EncryptedLayer(CacheLayerMixin):
@@ -161,7 +178,7 @@ def _read_secure_handle(path) -> dict | None:
     if path is None or not (Path(path) / "config.json").is_file():
         return None
     config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("model_type") != CryptoGenGPT2Config.model_type:
+    if config.get("model_type") != CryptoGenModelConfig.model_type:
         return None
     handle = config.get("cryptogen")
     if not isinstance(handle, dict) or not (handle.get("checkpoint") or handle.get("server")):
@@ -230,12 +247,12 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
 
     Use it where you would use ``AutoModelForCausalLM``::
 
-        model = CryptoGenForCausalLM.from_pretrained("path/to/gpt2-checkpoint")   # local server
+        model = CryptoGenForCausalLM.from_pretrained("path/to/checkpoint")   # GPT-2 or LLaMA family, local server
         model = CryptoGenForCausalLM.from_pretrained(server="host:port")          # remote server
         out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=32)
     """
 
-    config_class = CryptoGenGPT2Config
+    config_class = CryptoGenModelConfig
     base_model_prefix = "cryptogen"
     main_input_name = "input_ids"
     _supports_cache_class = True
@@ -292,9 +309,9 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                     f"no checkpoint folder at {pretrained_model_name_or_path!r} (nothing is downloaded at run time)"
                 )
             from ..protocol.session import he_params_from
-            from ..server.weights import check_supported
+            from ..families import family_for_config
 
-            check_supported(AutoConfig.from_pretrained(pretrained_model_name_or_path), he_params_from(settings).row_size)
+            family_for_config(AutoConfig.from_pretrained(pretrained_model_name_or_path), he_params_from(settings).row_size)
             if server_cert is not None or server_token is not None:
                 raise ValueError("server_cert and server_token are for a remote server (server='host:port'); "
                                  "a local server makes its own certificate and token")
@@ -323,20 +340,9 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         """The model on an open session (``from_pretrained`` opens one): the
         public config and generation defaults the handshake carried, and
         ``origin``, where the model is served (what ``save_pretrained`` writes)."""
-        shape = session.shape
         # Special token ids as the server's checkpoint has them (the handshake carries them).
         extra = {k: session.generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in session.generation}
-        config = CryptoGenGPT2Config(
-            n_layer=shape.n_layer,
-            n_embd=shape.n_embd,
-            n_head=shape.n_head,
-            n_positions=shape.n_positions,
-            vocab_size=shape.vocab_size,
-            layer_norm_epsilon=shape.ln_eps,
-            name_or_path=shape.name,
-            **extra,
-        )
-        config.cryptogen = origin or {}
+        config = CryptoGenModelConfig(shape=session.shape.to_dict(), cryptogen=origin, **extra)
         model = cls(config, session)
         # The checkpoint's generation defaults (generation_config.json), as the server reads them.
         model.generation_config = GenerationConfig.from_dict(session.generation)
@@ -346,7 +352,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
         """Write a folder that ``CryptoGenForCausalLM.from_pretrained`` and
         ``AutoModelForCausalLM.from_pretrained`` (after ``import cryptogen_hf``)
         load as this secure model: its config.json (model_type
-        "cryptogen-gpt2", the public shapes and where the model is served: the
+        "cryptogen", the public shapes and where the model is served: the
         checkpoint folder of a local server, or the server's address and
         certificate) and generation_config.json. No weights (the client has
         none), no token, no keys: a remote server's token is passed again as
@@ -513,11 +519,11 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
 def register_auto_classes() -> None:
     """Make the Auto classes know the secure model type (idempotent)."""
     try:
-        AutoConfig.register(CryptoGenGPT2Config.model_type, CryptoGenGPT2Config)
+        AutoConfig.register(CryptoGenModelConfig.model_type, CryptoGenModelConfig)
     except ValueError:
         pass  # already registered
     try:
-        AutoModelForCausalLM.register(CryptoGenGPT2Config, CryptoGenForCausalLM)
+        AutoModelForCausalLM.register(CryptoGenModelConfig, CryptoGenForCausalLM)
     except ValueError:
         pass
 

@@ -248,13 +248,21 @@ def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_
 
 
 # ---------------------------------------------------------------------------
-# GELU (GPT-2's gelu_new, the tanh form)
+# GELU (GPT-2's gelu_new, the tanh form) and SiLU (LLaMA's MLP gate)
 # ---------------------------------------------------------------------------
-GELU_CUT = 3.5  # outside [-a, a]: gelu(x) = x (x > a) or 0 (x < -a)
-GELU_DEGREE = 6  # Chebyshev degree in u = 2 x^2 / a^2 - 1 (i.e. degree 12 in x)
+# Both are x/2 + E(x) with E even: gelu: E = (x/2) tanh(sqrt(2/pi)(x + 0.044715 x^3));
+# silu: E = x sigmoid(x) - x/2 = (x/2) tanh(x/2). Outside [-cut, cut] the
+# function is x (x > cut) or 0 (x < -cut) up to the tail error; inside, E is
+# an even Chebyshev polynomial of the given degree in u = 2 x^2 / cut^2 - 1.
+# Max abs error (fit + tail, float64): gelu 3.5 / 6: 1e-3; silu 10 / 12:
+# 5.5e-4 + 4.5e-4 (silu(-10) = -4.5e-4; a cut of 8 would leave 2.7e-3).
+GELU_CUT = 3.5
+GELU_DEGREE = 6  # (degree 12 in x)
+SILU_CUT = 10.0
+SILU_DEGREE = 12  # one multiplication round more than degree 8
 # The cut comparisons may misread x within 2**-5 past the cut (compare.py):
-# there the polynomial, extrapolated, is off by at most 8e-4 (1.5e-3 for 2**-4).
-GELU_SLACK_BITS = 11
+# there the polynomial, extrapolated, is off by at most 8e-4 for gelu (1.5e-3 for 2**-4).
+ACTIVATION_SLACK_BITS = 11
 
 
 def gelu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -262,15 +270,22 @@ def gelu_reference(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def silu_reference(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+_REFERENCES = {"gelu": gelu_reference, "silu": silu_reference}
+
+
 @functools.lru_cache(maxsize=None)
-def _gelu_coefficients(cut: float = GELU_CUT, degree: int = GELU_DEGREE) -> tuple:
-    """Chebyshev coefficients of E(x) = gelu(x) - x/2 (an even function) in
+def _even_part_coefficients(name: str, cut: float, degree: int) -> tuple:
+    """Chebyshev coefficients of E(x) = f(x) - x/2 (an even function) in
     u = 2 x^2 / cut^2 - 1 on [-cut, cut]. Near-minimax fit by iteratively
     reweighted least squares; deterministic, so both parties get the same
     numbers. The Chebyshev basis keeps coefficients small (fixed-point error
     is not amplified as with monomials)."""
     xs = np.linspace(0.0, cut, 4001)
-    target = gelu_reference(torch.from_numpy(xs)).numpy() - 0.5 * xs
+    target = _REFERENCES[name](torch.from_numpy(xs)).numpy() - 0.5 * xs
     u = 2.0 * (xs / cut) ** 2 - 1.0
     basis = np.polynomial.chebyshev.chebvander(u, degree)
     w = np.ones_like(xs)
@@ -305,17 +320,17 @@ def _chebyshev_values(u, degree: int):
     return T
 
 
-def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
-    """gelu_new(x) = x/2 + E(x): E by an even Chebyshev polynomial on
-    [-cut, cut]; outside, x (x > cut) or 0 (x < -cut). The two comparisons
-    [x > cut] and [x < -cut] are one batched comparison; the polynomial needs
-    1 + ceil(log2 degree) multiplication rounds; the selection one more.
-    Max abs error on [-8, 8] ~1e-3 (see tests)."""
-    coef = _gelu_coefficients(cut, degree)
+def _half_x_plus_even(x, name: str, cut: float, degree: int):
+    """f(x) = x/2 + E(x) for f in _REFERENCES: E by the even Chebyshev
+    polynomial on [-cut, cut]; outside, x (x > cut) or 0 (x < -cut). The two
+    comparisons [x > cut] and [x < -cut] are one batched comparison; the
+    polynomial needs 1 + ceil(log2 degree) multiplication rounds; the
+    selection one more."""
+    coef = _even_part_coefficients(name, cut, degree)
     # Both comparisons in one call: stack [x - cut, -x - cut] and test >= 0.
-    # Coarse (GELU_SLACK_BITS): just past the cut, the polynomial may be used
-    # instead of x or 0, which adds at most 8e-4 there (tested).
-    c = ge_zero(crypten.stack([x - cut, -x - cut]), ACTIVATION_BITS, ignore_low_bits=GELU_SLACK_BITS)
+    # Coarse (ACTIVATION_SLACK_BITS): just past the cut, the polynomial may be
+    # used instead of x or 0, which adds little there (tested).
+    c = ge_zero(crypten.stack([x - cut, -x - cut]), ACTIVATION_BITS, ignore_low_bits=ACTIVATION_SLACK_BITS)
     above, below = c[0], c[1]
 
     u = x.square() * (2.0 / (cut * cut)) - 1.0
@@ -331,25 +346,44 @@ def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
     return inside + sel[0] + sel[1]
 
 
+def gelu(x, cut: float = GELU_CUT, degree: int = GELU_DEGREE):
+    """gelu_new(x); max abs error on [-8, 8] ~1e-3 (see tests)."""
+    return _half_x_plus_even(x, "gelu", cut, degree)
+
+
+def silu(x, cut: float = SILU_CUT, degree: int = SILU_DEGREE):
+    """silu(x) = x sigmoid(x); max abs error ~1e-3 (see tests)."""
+    return _half_x_plus_even(x, "silu", cut, degree)
+
+
+def swiglu(gate_up):
+    """silu(gate) * up for [gate | up] along the last dimension (LLaMA's MLP):
+    the activation, then one multiplication round for the product of two secrets."""
+    d = gate_up.size(-1) // 2
+    return silu(gate_up[..., :d]) * gate_up[..., d:]
+
+
 # ---------------------------------------------------------------------------
 # LayerNorm
 # ---------------------------------------------------------------------------
 _ISQRT_A, _ISQRT_B = 1.06, -0.15  # 1/sqrt(x) ~ a + b x on [1, 4), rel. error 0.09
 
 
-def calibrate_pre_scale(activations_sample, eps: float = 1e-5) -> float:
+def calibrate_pre_scale(activations_sample, eps: float = 1e-5, centered: bool = True) -> float:
     """Public per-layer scale for :func:`layer_norm`, from plaintext
     activations the server collects (e.g. on a calibration text).
 
-    Rows (last dim) have standard deviations in [sd_lo, sd_hi]; the scale
-    centres them geometrically around 1 (s = 1 / sqrt(sd_lo * sd_hi)), which
-    keeps small rows above the fixed-point resolution and large rows far
-    from overflow. LayerNorm is scale-invariant except for eps, which
-    layer_norm rescales by s**2.
+    Rows (last dim) have standard deviations (root mean squares for an
+    uncentered norm) in [sd_lo, sd_hi]; the scale centres them geometrically
+    around 1 (s = 1 / sqrt(sd_lo * sd_hi)), which keeps small rows above the
+    fixed-point resolution and large rows far from overflow. The norm is
+    scale-invariant except for eps, which layer_norm rescales by s**2.
     """
     a = torch.as_tensor(activations_sample, dtype=torch.float64)
     a = a.reshape(-1, a.shape[-1])
-    sd = torch.sqrt(a.var(dim=-1, unbiased=False) + eps)
+    if centered:
+        a = a - a.mean(dim=-1, keepdim=True)
+    sd = torch.sqrt((a**2).mean(dim=-1) + eps)
     sd_lo, sd_hi = float(sd.min()), float(sd.max())
     return float(1.0 / math.sqrt(sd_lo * sd_hi))
 
@@ -362,8 +396,10 @@ def layer_norm(
     bias=None,
     nr_iters: int = 2,
     k_range: tuple = (-2, 10),
+    centered: bool = True,
 ):
-    """Normalized LayerNorm (x - mean) / sqrt(var + eps) over the last dim.
+    """Normalized LayerNorm (x - mean) / sqrt(var + eps) over the last dim;
+    with ``centered=False``, RMSNorm x / sqrt(mean(x^2) + eps) (LLaMA).
 
     The affine gamma/beta are NOT applied by default: they are server weights
     that the server folds into the next HE linear layer in plaintext
@@ -387,8 +423,7 @@ def layer_norm(
     if pre_scale != 1.0:
         x = x * float(pre_scale)
     eps_scaled = float(eps) * float(pre_scale) ** 2
-    mean = x.mean(-1, keepdim=True)
-    xc = x - mean
+    xc = x - x.mean(-1, keepdim=True) if centered else x
     S = xc.square().sum(-1) + d * eps_scaled  # (...,)
 
     k_lo, k_hi = k_range

@@ -49,7 +49,8 @@ from ..he.attention import calibrate_attention_slack
 from ..he.keys import bundle_size_limit, ciphertext_size_limit
 from ..mpc import runtime
 from . import credentials, transport
-from .gpt2 import PREFILL_LAYOUTS, PROTOCOL_VERSION, FixedPoint, GPT2Plans, ModelShape, PrefillLayoutPolicy, SecureGPT2
+from ..families import ModelShape
+from .decoder import PREFILL_LAYOUTS, PROTOCOL_VERSION, DecoderPlans, FixedPoint, PrefillLayoutPolicy, SecureDecoder
 from .party import CLIENT, SERVER, Party
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class CorrelationPlan:
 CONTROL_MESSAGE_LIMITS = {"hello": 1 << 16, "request": 1 << 16}
 
 
-def cache_ciphertexts_bound(plans: GPT2Plans, shape: ModelShape, he_params: HEParams) -> int:
+def cache_ciphertexts_bound(plans: DecoderPlans, shape: ModelShape, he_params: HEParams) -> int:
     """Ciphertexts an encrypted cache of ``n_positions`` tokens can hold, K and
     V, every layer: inner blocks of B tokens plus the outer layout's head_dim
     diagonals per tile (a cache holds a prompt in one and the rest in the other)."""
@@ -167,7 +168,7 @@ def cache_ciphertexts_bound(plans: GPT2Plans, shape: ModelShape, he_params: HEPa
     return 2 * shape.n_layer * per_layer
 
 
-def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEParams) -> dict[str, int]:
+def server_message_limits(plans: DecoderPlans, shape: ModelShape, he_params: HEParams) -> dict[str, int]:
     """The longest message of each kind the server accepts from a client of
     this model, from the plan: a bound on the ciphertexts a pass of up to
     ``n_positions`` tokens can carry, times the largest serialized ciphertext.
@@ -181,12 +182,13 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
       uses) or a cache's worth of keys and values for the prefill layouts;
     - ``matmul.ciphertexts``: the two operands of a prompt's attention product;
     - ``mpc``: CrypTen's largest opening, int64 values for every token of a
-      pass times the widest per-token tensor (vocabulary, 4 d, or the
-      attention scores of all heads), or a correlation batch message."""
+      pass times the widest per-token tensor (vocabulary, the MLP's hidden
+      layer, q|k|v, or the attention scores of all heads), or a correlation
+      batch message."""
     from ..mpc.two_party import MAX_MESSAGE_BYTES as CORRELATION_MESSAGE_BYTES
 
     ct_bytes = ciphertext_size_limit(he_params)
-    T, d = shape.n_positions, shape.n_embd
+    T = shape.n_positions
     cache_cts = cache_ciphertexts_bound(plans, shape, he_params)
     framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + 8))  # pack_blobs' length words
     return {
@@ -198,7 +200,7 @@ def server_message_limits(plans: GPT2Plans, shape: ModelShape, he_params: HEPara
         # ciphertexts each) or of P V (one per token each).
         "matmul.ciphertexts": 2 * max(T, shape.head_dim) * ct_bytes + framing,
         "step.refresh_plan": 1 << 20,
-        transport.MPC_KIND: max(CORRELATION_MESSAGE_BYTES, 8 * T * max(shape.vocab_size, 4 * d, shape.n_head * T)),
+        transport.MPC_KIND: max(CORRELATION_MESSAGE_BYTES, 8 * T * max(shape.vocab_size, 2 * shape.d_mlp, 3 * shape.d_attn, shape.n_head * T)),
     }
 
 
@@ -307,7 +309,7 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     runtime.init_party(SERVER, _mpc_config(config), channel)
     try:
         party = Party(SERVER, channel, he)
-        runner = SecureGPT2(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
+        runner = SecureDecoder(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
         plan = CorrelationPlan()
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
@@ -403,7 +405,7 @@ class ClientSession:
         self.shape = ModelShape.from_dict(welcome["shape"])
         self.generation = welcome.get("generation", {})  # the server's public decoding defaults (server/serve.py)
         he_params = he_params_from(self.config)
-        self.plans = GPT2Plans(self.shape, he_params)
+        self.plans = DecoderPlans(self.shape, he_params)
         self.policy = PrefillLayoutPolicy(self.shape, he_params, self.config.cache.prefill_layout)
         self.he = ClientHE(he_params)
         # Tighten the server's noise estimates for this model's attention
@@ -414,7 +416,7 @@ class ClientSession:
 
         self.mpc = runtime.SessionMPC(CLIENT, _mpc_config(self.config), self.channel)
         self.party = Party(CLIENT, self.channel, self.he)
-        self.runner = SecureGPT2(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
+        self.runner = SecureDecoder(self.party, self.shape, self.plans, fixed_point_from(self.config), policy=self.policy)
         self.plan = CorrelationPlan()
 
     # -- requests ---------------------------------------------------------------
@@ -495,7 +497,7 @@ class ClientSession:
 
     def fill_for_benchmark(self, n_tokens: int, seed: int = 0):
         """Benchmarks only: an empty cache gets n_tokens of random encrypted keys and
-        values (see ``SecureGPT2.fill_for_benchmark``), so a decode step can be
+        values (see ``SecureDecoder.fill_for_benchmark``), so a decode step can be
         timed at a long context without running a prefill."""
         if self.runner.n_tokens:
             raise ValueError("fill_for_benchmark needs an empty cache: reset() first")

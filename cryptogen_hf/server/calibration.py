@@ -1,10 +1,11 @@
-"""LayerNorm pre-scales: public per-LayerNorm numbers the server computes in plaintext.
+"""Norm pre-scales: public per-norm numbers the server computes in plaintext.
 
-The MPC LayerNorm is accurate when its input rows have a standard deviation
-in a known window (``mpc.ops.layer_norm``); GPT-2's residual stream drifts
-far outside it in later layers. LayerNorm is scale-invariant (up to eps), so
-the server multiplies each LayerNorm's input by a public constant that
-centres that layer's observed row scales in the window. The server measures
+The MPC LayerNorm (and RMSNorm) is accurate when its input rows have a
+standard deviation (root mean square) in a known window
+(``mpc.ops.layer_norm``); the residual stream drifts far outside it in later
+layers. The norm is scale-invariant (up to eps), so the server multiplies
+each norm's input by a public constant that centres that layer's observed
+row scales in the window. The server measures
 the scales on its own model with a fixed calibration text: the client's data
 is never involved.
 """
@@ -25,12 +26,9 @@ CALIBRATION_TEXT = (
 )
 
 
-def layer_norm_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Inputs of every LayerNorm in forward order: ln_1, ln_2 of each block, then ln_f."""
-    modules = []
-    for block in model.transformer.h:
-        modules += [block.ln_1, block.ln_2]
-    modules.append(model.transformer.ln_f)
+def norm_inputs(model, wiring, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs of every norm in forward order (``wiring.norm_modules``: 2 per block, then the final one)."""
+    modules = wiring.norm_modules(model)
     captured = [None] * len(modules)
     hooks = [
         m.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, args[0].detach().double()))
@@ -45,14 +43,15 @@ def layer_norm_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     return captured
 
 
-def layer_norm_pre_scales(model, tokenizer=None, eps: float = 1e-5) -> list[float]:
-    """One public pre-scale per LayerNorm (2 per block + final), from the calibration text."""
+def norm_pre_scales(model, wiring, shape, tokenizer=None) -> list[float]:
+    """One public pre-scale per norm (2 per block + final), from the calibration text."""
+    context, eps = shape.n_positions, shape.norm_eps
     ids = None
     if tokenizer is not None:
-        ids = tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, : model.config.n_positions]
+        ids = tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids[:, :context]
         if ids.numel() == 0 or int(ids.max()) >= model.config.vocab_size:
             ids = None  # not this model's tokenizer
     if ids is None:
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (1, min(64, model.config.n_positions)), generator=generator)
-    return [calibrate_pre_scale(x[0], eps=eps) for x in layer_norm_inputs(model, ids)]
+        ids = torch.randint(0, model.config.vocab_size, (1, min(64, context)), generator=generator)
+    return [calibrate_pre_scale(x[0], eps=eps, centered=wiring.NORM_CENTERED) for x in norm_inputs(model, wiring, ids)]

@@ -14,6 +14,7 @@ CrypTen's traffic (nothing else listens).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -30,10 +31,10 @@ from ..config import CryptoGenConfig, load_config
 from ..he import HEParams
 from ..he.keys import PlaintextEncoder, bundle_size_limit, ciphertext_size_limit
 from ..protocol import credentials, transport
-from ..protocol.gpt2 import EncodedGPT2, GPT2Plans, ModelShape
+from ..families import ModelShape, family_for_config
+from ..protocol.decoder import DecoderPlans, EncodedDecoder
 from ..protocol.session import fixed_point_from, he_params_from, run_server_session
-from .calibration import layer_norm_pre_scales
-from .weights import check_supported, prepare_gpt2
+from .calibration import norm_pre_scales
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class HostedModel:
 
     shape: ModelShape
     he_params: HEParams
-    plans: GPT2Plans
+    plans: DecoderPlans
     fixed_point: object
-    encoded: EncodedGPT2
+    encoded: EncodedDecoder
     # Public decoding metadata for the handshake: special token ids and the
     # checkpoint's generation defaults (generation_config.json).
     generation: dict
@@ -59,28 +60,23 @@ def load_hosted_model(model_path: str | Path, config: CryptoGenConfig, progress:
     if not path.exists():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     hf_config = AutoConfig.from_pretrained(path)
-    check_supported(hf_config, he_params_from(config).row_size)  # before loading weights: a clear error for other architectures
+    wiring = family_for_config(hf_config, he_params_from(config).row_size)  # before loading weights: a clear error for other architectures
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         tokenizer = None  # calibration falls back to random token ids
-    prepared = prepare_gpt2(model)
-    shape = ModelShape(
-        n_layer=prepared.n_layer,
-        n_embd=prepared.n_embd,
-        n_head=prepared.n_head,
-        n_positions=prepared.n_positions,
-        vocab_size=prepared.vocab_size,
-        ln_eps=float(hf_config.layer_norm_epsilon),
-        ln_pre_scales=layer_norm_pre_scales(model, tokenizer, eps=float(hf_config.layer_norm_epsilon)),
+    prepared = wiring.prepare(model)
+    shape = dataclasses.replace(
+        prepared.shape,
+        norm_pre_scales=norm_pre_scales(model, wiring, prepared.shape, tokenizer),
         name=config.server.model_name,  # public shapes only, unless the operator names the model
     )
     he_params = he_params_from(config)
-    plans = GPT2Plans(shape, he_params)
+    plans = DecoderPlans(shape, he_params)
     fixed_point = fixed_point_from(config)
-    bar = tqdm(total=2 + 4 * shape.n_layer, desc="encoding weights", unit="matrix", disable=not progress)
-    encoded = EncodedGPT2(prepared, plans, PlaintextEncoder(he_params), fixed_point, progress=bar.update)
+    bar = tqdm(total=EncodedDecoder.n_matrices(shape), desc="encoding weights", unit="matrix", disable=not progress)
+    encoded = EncodedDecoder(prepared, plans, PlaintextEncoder(he_params), fixed_point, progress=bar.update)
     bar.close()
     return HostedModel(shape, he_params, plans, fixed_point, encoded, generation_metadata(path))
 

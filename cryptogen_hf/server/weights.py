@@ -1,17 +1,19 @@
-"""The server's view of a GPT-2 checkpoint, rearranged for the secure protocol.
+"""The server's view of a checkpoint, rearranged for the secure protocol.
 
 Everything here happens in plaintext at the server, on its own weights; the
-client never runs this code and never sees its output.
+client never runs this code and never sees its output. The per-family
+rearrangement (``prepare`` in ``cryptogen_hf/families/<family>.py``) uses
+the helpers below; all of it is exact algebra, no approximation:
 
-What changes compared to the HF module (all exact algebra, no approximation):
-- LayerNorm's affine part is folded into the linear layer that follows it:
-  (n * g + b) @ W + c = n @ (diag(g) W) + (b @ W + c), so the MPC LayerNorm only
-  computes the normalised n = (x - mean) / sqrt(var + eps). Each LayerNorm in
-  GPT-2 feeds exactly one linear layer (ln_1 -> c_attn, ln_2 -> c_fc,
-  ln_f -> lm_head), so nothing else needs the affine output.
-- The attention scale 1/sqrt(head_dim) is folded into the query columns of
-  c_attn, so scores come out of the HE product already scaled.
-- GPT-2's Conv1D stores weights as (in, out): y = x @ W + b. We keep that.
+- A norm's affine part is folded into the linear layer that follows it:
+  (n * g + b) @ W + c = n @ (diag(g) W) + (b @ W + c), so the MPC norm only
+  computes the normalised n. In the supported families each norm feeds
+  exactly one (possibly fused) linear layer, so nothing else needs the affine
+  output.
+- The attention scale 1/sqrt(head_dim) is folded into the query columns, so
+  scores come out of the HE product already scaled (a rotary embedding is
+  linear, so it commutes with that scale).
+- Weights are kept as (in, out): y = x @ W + b.
 
 ``reference_forward`` runs the rearranged model in float64 plaintext: the
 test oracle that separates folding mistakes from protocol or quantisation
@@ -25,12 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("gpt2",)
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The checkpoint is not an architecture the secure protocol implements."""
+from ..families import ModelShape, family
 
 
 @dataclass
@@ -44,147 +41,75 @@ class Linear:
 
 
 @dataclass
-class Block:
-    qkv: Linear  # ln_1 affine and 1/sqrt(head_dim) folded in; columns [q | k | v]
-    attn_out: Linear
-    fc_in: Linear  # ln_2 affine folded in
-    fc_out: Linear
-    ln_1_eps: float
-    ln_2_eps: float
+class PreparedDecoder:
+    """A decoder LM with norm affines and the attention scale folded into linears."""
 
-
-@dataclass
-class PreparedGPT2:
-    """A GPT-2 LM with LayerNorm affines and the attention scale folded into linears."""
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_positions: int
-    vocab_size: int
+    shape: ModelShape  # without the norm pre-scales (server.calibration adds them)
     wte: torch.Tensor  # (vocab, d): token embedding, used as a secret-index lookup
-    wpe: torch.Tensor  # (positions, d): position embedding, public index
-    blocks: list[Block]
-    lm_head: Linear  # ln_f affine folded in; (d, vocab)
-    ln_f_eps: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    wpe: torch.Tensor | None  # (positions, d): learned position embedding (public index); None with rotary positions
+    blocks: list[dict[str, Linear]]  # per block, the family's linears (families.<f>.linear_shapes)
+    lm_head: Linear  # the final norm's affine folded in; (d, vocab)
 
 
-def check_supported(config, row_size: int | None = None) -> None:
-    """Raise UnsupportedArchitectureError naming what is not supported, from the
-    config alone (before any weight is read). ``row_size``: the HE row (half
-    the ring dimension; default: the default parameters')."""
-    if row_size is None:
-        from ..he.params import HEParams
-
-        row_size = HEParams().row_size
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"cryptogen_hf supports {SUPPORTED_MODEL_TYPES} checkpoints; this one is model_type={model_type!r}"
-        )
-    act = getattr(config, "activation_function", "gelu_new")
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise UnsupportedArchitectureError(f"activation {act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
-    if getattr(config, "add_cross_attention", False):
-        raise UnsupportedArchitectureError("cross-attention GPT-2 variants are not supported")
-    if config.n_embd % config.n_head:
-        raise UnsupportedArchitectureError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-    inner = getattr(config, "n_inner", None) or 4 * config.n_embd
-    if inner != 4 * config.n_embd:
-        raise UnsupportedArchitectureError(f"an MLP width n_inner={inner} other than 4 x n_embd={4 * config.n_embd} is not supported")
-    if inner > row_size:
-        raise UnsupportedArchitectureError(
-            f"n_embd={config.n_embd} is too wide: the MLP's {inner} inputs exceed the HE row of {row_size} slots "
-            f"(GPT-2 small and medium fit; large and XL do not yet)"
-        )
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
-        raise UnsupportedArchitectureError("attention scaled other than by 1/sqrt(head_dim) (scale_attn_by_inverse_layer_idx, "
-                                           "scale_attn_weights=False) is not supported")
+def linear_from(weight, bias=None) -> Linear:
+    """A Linear from an (in, out) weight and an optional bias (zeros if None)."""
+    w = weight.detach().double()
+    b = torch.zeros(w.shape[1], dtype=torch.float64) if bias is None else bias.detach().double()
+    return Linear(weight=w, bias=b)
 
 
-def _fold_layernorm(ln, linear_weight, linear_bias) -> Linear:
-    g = ln.weight.detach().double()
-    b = ln.bias.detach().double()
-    w = linear_weight.detach().double()
-    c = linear_bias.detach().double()
-    return Linear(weight=g[:, None] * w, bias=b @ w + c)
+def fold_norm(norm, linear: Linear) -> Linear:
+    """diag(g) W and b @ W + c for a norm with weight g and optional bias b."""
+    g = norm.weight.detach().double()
+    bias = linear.bias
+    if getattr(norm, "bias", None) is not None:
+        bias = norm.bias.detach().double() @ linear.weight + bias
+    return Linear(weight=g[:, None] * linear.weight, bias=bias)
 
 
-def prepare_gpt2(model) -> PreparedGPT2:
-    """Rearrange an HF ``GPT2LMHeadModel`` for the secure protocol (server side)."""
-    config = model.config
-    check_supported(config)
-    transformer = model.transformer
-    d = config.n_embd
-    head_dim = d // config.n_head
-    scale = 1.0 / math.sqrt(head_dim) if getattr(config, "scale_attn_weights", True) else 1.0
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-        raise UnsupportedArchitectureError("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+def scale_columns(linear: Linear, columns: slice, factor: float) -> Linear:
+    """Multiply some output columns (e.g. the queries') by a public factor."""
+    linear.weight[:, columns] *= factor
+    linear.bias[columns] *= factor
+    return linear
 
-    blocks = []
-    for block in transformer.h:
-        qkv = _fold_layernorm(block.ln_1, block.attn.c_attn.weight, block.attn.c_attn.bias)
-        qkv.weight[:, :d] *= scale
-        qkv.bias[:d] *= scale
-        blocks.append(
-            Block(
-                qkv=qkv,
-                attn_out=Linear(block.attn.c_proj.weight.detach().double(), block.attn.c_proj.bias.detach().double()),
-                fc_in=_fold_layernorm(block.ln_2, block.mlp.c_fc.weight, block.mlp.c_fc.bias),
-                fc_out=Linear(block.mlp.c_proj.weight.detach().double(), block.mlp.c_proj.bias.detach().double()),
-                ln_1_eps=block.ln_1.eps,
-                ln_2_eps=block.ln_2.eps,
-            )
-        )
-    lm_weight = model.lm_head.weight.detach().double().t()  # (d, vocab)
-    lm_bias = torch.zeros(lm_weight.shape[1], dtype=torch.float64)
-    lm_head = _fold_layernorm(transformer.ln_f, lm_weight, lm_bias)
-    return PreparedGPT2(
-        n_layer=config.n_layer,
-        n_embd=d,
-        n_head=config.n_head,
-        n_positions=config.n_positions,
-        vocab_size=config.vocab_size,
-        wte=transformer.wte.weight.detach().double().clone(),
-        wpe=transformer.wpe.weight.detach().double().clone(),
-        blocks=blocks,
-        lm_head=lm_head,
-        ln_f_eps=transformer.ln_f.eps,
-    )
+
+def attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
 
 
 # ---------------------------------------------------------------------------
 # Plaintext reference of exactly the computation the protocol performs.
 # ---------------------------------------------------------------------------
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
+def normalize(x: torch.Tensor, eps: float, centered: bool = True) -> torch.Tensor:
+    """LayerNorm (centered) or RMSNorm without the affine part."""
+    if centered:
+        x = x - x.mean(-1, keepdim=True)
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def reference_forward(prepared: PreparedGPT2, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits (T, vocab) for a 1-D sequence of token ids, float64 plaintext."""
-    t = input_ids.shape[-1]
-    h = prepared.wte[input_ids.reshape(-1)] + prepared.wpe[:t]
-    n_head, hd = prepared.n_head, prepared.head_dim
+def causal_attention(shape: ModelShape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T + causal mask) v for (t, heads * head_dim) queries and
+    (t, kv_heads * head_dim) keys and values (each key/value head serves
+    ``kv_groups`` consecutive query heads, as in HF's repeat_kv). The scale is
+    already in q."""
+    t, dh = q.shape[0], shape.head_dim
+    q = q.view(t, shape.n_head, dh).transpose(0, 1)
+    k = k.view(t, shape.n_kv_head, dh).transpose(0, 1).repeat_interleave(shape.kv_groups, dim=0)
+    v = v.view(t, shape.n_kv_head, dh).transpose(0, 1).repeat_interleave(shape.kv_groups, dim=0)
     causal = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    probs = torch.softmax(q @ k.transpose(-1, -2) + causal, dim=-1)
+    return (probs @ v).transpose(0, 1).reshape(t, shape.d_attn)
+
+
+def reference_forward(prepared: PreparedDecoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (T, vocab) for a 1-D sequence of token ids, float64 plaintext."""
+    shape = prepared.shape
+    wiring = family(shape.family)
+    ids = input_ids.reshape(-1)
+    h = prepared.wte[ids]
+    if prepared.wpe is not None:
+        h = h + prepared.wpe[: ids.numel()]
     for block in prepared.blocks:
-        qkv = normalize(h, block.ln_1_eps) @ block.qkv.weight + block.qkv.bias
-        q, k, v = qkv.split(prepared.n_embd, dim=-1)
-        q = q.view(t, n_head, hd).transpose(0, 1)
-        k = k.view(t, n_head, hd).transpose(0, 1)
-        v = v.view(t, n_head, hd).transpose(0, 1)
-        probs = torch.softmax(q @ k.transpose(-1, -2) + causal, dim=-1)
-        attn = (probs @ v).transpose(0, 1).reshape(t, prepared.n_embd)
-        h = h + attn @ block.attn_out.weight + block.attn_out.bias
-        m = gelu_tanh(normalize(h, block.ln_2_eps) @ block.fc_in.weight + block.fc_in.bias)
-        h = h + m @ block.fc_out.weight + block.fc_out.bias
-    return normalize(h, prepared.ln_f_eps) @ prepared.lm_head.weight + prepared.lm_head.bias
+        h = wiring.reference_block(shape, block, h)
+    return normalize(h, shape.norm_eps, wiring.NORM_CENTERED) @ prepared.lm_head.weight + prepared.lm_head.bias

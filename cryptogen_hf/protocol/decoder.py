@@ -1,30 +1,33 @@
-"""The secure GPT-2 forward pass: a pass of new tokens against the encrypted KV cache.
+"""The secure decoder: a pass of new tokens against the encrypted KV cache.
 
-SPMD, like CrypTen: the server and the client run ``SecureGPT2.step`` in
-lockstep with their own ``Party``. The server holds ``EncodedGPT2`` (its
+SPMD, like CrypTen: the server and the client run ``SecureDecoder.step`` in
+lockstep with their own ``Party``. The server holds ``EncodedDecoder`` (its
 quantised, pre-encoded weights) and the encrypted caches; the client holds
-the token id and only public shapes. Between layers the activations are
+the token ids and only public shapes. Between layers the activations are
 CrypTen shares (16 fractional bits); every linear layer and both attention
-products run under BFV at the server (DESIGN sections 4-5):
+products run under BFV at the server (DESIGN sections 4-5).
 
-    embed (client encrypts one-hot; server: ct x pt with wte, adds wpe[t])
-    per block:
-      LayerNorm (MPC, affine folded into the next linear)
-      qkv = x W_qkv (HE)                      -> shares
-      q | k | v -> fresh ciphertexts in the cache layout (one conversion)
-      cache.append(k, v); scores = q K^T (HE, ct x ct over the cache: the
-        prompt's part in the outer layout if the policy stored it so, the
-        rest in the inner layout)
-      softmax (MPC)
-      out = probs V (HE, ct x ct over the cache)
-      attn_out linear (HE), residual (free on shares)
-      LayerNorm (MPC), fc_in (HE), GELU (MPC), fc_out (HE), residual
-    final LayerNorm (MPC), LM head (HE) -> logits shares -> opened to the client
+This module holds the generic secure layers, each a method of
+``SecureDecoder`` a family's block calls:
+
+    embed      the client encrypts one-hot rows; the server multiplies them
+               with wte (ct x pt) and adds learned positions if the family has them
+    norm       LayerNorm or RMSNorm (MPC); the affine is folded into the next linear
+    linear     x W + b under HE (shares -> ciphertexts -> shares)
+    attention  causal attention of the pass's queries over the encrypted cache,
+               which their keys and values join (ct x ct products; or, for a
+               conversation's first pass, on shares: see below)
+    residual   additions of shares, free
+
+and the wiring of a family's block (norms, linears, activation, position
+scheme, in the order of its HF modeling file) lives in
+``cryptogen_hf/families/<family>.py``. A step runs: embed, the family's block
+per layer, the final norm, the LM head for the positions that need logits.
 
 Cost per new token is linear in the context: the cache is never recomputed.
 
 A pass of many tokens (a prompt) packs them: several tokens per ciphertext
-in the blocks' linear layers (``GPT2Plans.for_pass``), and in a
+in the blocks' linear layers (``DecoderPlans.for_pass``), and in a
 conversation's first pass the prompt's own causal attention runs on shares
 with plaintext-ciphertext products only (``protocol/shared_matmul.py``),
 while its keys and values go into the encrypted cache as whole blocks.
@@ -40,11 +43,12 @@ import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..families import ModelShape, family
 from ..he import InnerKVCache, MatvecPlan, OuterAttentionPlan, OuterKVCache
 from ..he.columns import ColumnProductPlan
 from ..he.diagonal import DEFAULT_COSTS, fold_rotations
@@ -66,37 +70,7 @@ from .randomness import uniform_mod
 from .shared_matmul import shared_matmul
 from .wire import pack_blobs, unpack_blobs
 
-PROTOCOL_VERSION = "cryptogen-gpt2-decode/1"
-
-
-@dataclass
-class ModelShape:
-    """What both parties know about the model: sizes, epsilons and LayerNorm pre-scales.
-
-    The pre-scales are public numbers the server computes from plaintext
-    activations (see ``server.calibration``); they reveal the rough scale of
-    each LayerNorm's input, nothing more (stated in docs/THREAT_MODEL.md).
-    """
-
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_positions: int
-    vocab_size: int
-    ln_eps: float
-    ln_pre_scales: list = field(default_factory=list)  # 2 per block + the final one
-    name: str = ""
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelShape":
-        return cls(**d)
+PROTOCOL_VERSION = "cryptogen-decoder/2"
 
 
 @dataclass
@@ -113,13 +87,12 @@ class FixedPoint:
 
 
 # Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)).
+# Every linear of the blocks may be packed; the LM head is never packed: a pass needs the logits of few positions (the
+# last, or a speculative check's few). Nor is the embedding: packing its long
+# one-hot rows gains little (1.4x estimated for the shipped GPT-2, ~5 % of a
+# prompt's time) and its rotations would add 18 Galois keys (25 MiB) to every
+# session's key bundle.
 PACKED_TOKENS = (2, 4, 8, 16, 32)
-# The matrix products a pass may pack. Not the LM head: a pass needs the
-# logits of few positions (the last, or a speculative check's few). Not the
-# embedding: packing its long one-hot rows gains little (1.4x estimated for
-# the shipped model, ~5 % of a prompt's time) and its rotations would add
-# 18 Galois keys (25 MiB) to every session's key bundle.
-PACKED = ("qkv", "attn_out", "fc_in", "fc_out")
 
 
 def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> MatvecPlan | None:
@@ -139,15 +112,16 @@ def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
     return -(-T // plan.tokens) * plan.est_seconds + plan.n_plaintexts * t["encode"]
 
 
-class GPT2Plans:
+class DecoderPlans:
     """Shape-only HE plans; both parties build the same ones from ``ModelShape``.
 
-    Each linear layer of the blocks has two plans: a decode plan (one
-    token per ciphertext, weights encoded once at load) and a packed plan
-    (several tokens per ciphertext, weights encoded for each pass). A pass
-    of T tokens takes the one with the lower estimated time (``for_pass``),
-    so a decode step and a short speculative check stay on the first and a
-    prompt goes to the second; both parties decide alike from T.
+    Each linear layer of the blocks (the family's ``linear_shapes``) has two
+    plans: a decode plan (one token per ciphertext, weights encoded once at
+    load) and a packed plan (several tokens per ciphertext, weights encoded
+    for each pass). A pass of T tokens takes the one with the lower estimated
+    time (``for_pass``), so a decode step and a short speculative check stay
+    on the first and a prompt goes to the second; both parties decide alike
+    from T.
     """
 
     def __init__(self, shape: ModelShape, he_params):
@@ -170,24 +144,22 @@ class GPT2Plans:
         self.embed = best[1]
         self.embed_chunk = self.embed.d_in
         self.embed_chunks = -(-v // self.embed_chunk)
-        self.qkv = MatvecPlan(d, 3 * d, he_params)
-        self.attn_out = MatvecPlan(d, d, he_params)
-        self.fc_in = MatvecPlan(d, 4 * d, he_params)
-        self.fc_out = MatvecPlan(4 * d, d, he_params)
+        self.linear_shapes = family(shape.family).linear_shapes(shape)
+        self.decode = {name: MatvecPlan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
+        self.packed = {name: packed_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.lm_head = MatvecPlan(d, v, he_params)
-        self.packed = {name: packed_plan(getattr(self, name).d_in, getattr(self, name).d_out, he_params) for name in PACKED}
         self.cache_layout = InnerKVCache(shape.n_head, shape.head_dim, he_params)
 
     def for_pass(self, name: str, T: int) -> MatvecPlan:
         """The plan of linear ``name`` ("qkv", ...) for a pass of T tokens."""
-        decode, packed = getattr(self, name), self.packed.get(name)
+        decode, packed = self.decode[name], self.packed[name]
         if packed is None or T < 2:
             return decode
         return packed if pass_seconds(packed, T) < pass_seconds(decode, T) else decode
 
     def matvec_plans(self):
-        decode = [self.embed, self.qkv, self.attn_out, self.fc_in, self.fc_out, self.lm_head]
-        return decode + [plan for plan in self.packed.values() if plan is not None]
+        plans = [self.embed, self.lm_head, *self.decode.values()]
+        return plans + [plan for plan in self.packed.values() if plan is not None]
 
     def galois_steps(self) -> list[int]:
         steps = set(self.cache_layout.galois_steps())
@@ -298,50 +270,49 @@ class EncodedLinear:
         return self.weights if plan is self.plan else plan.encode_weights(he, self.quantized)
 
 
-class EncodedGPT2:
+class EncodedDecoder:
     """The server's weights, quantised and encoded once as NTT plaintexts."""
 
-    def __init__(self, prepared, plans: GPT2Plans, encoder, fixed_point: FixedPoint, progress=None):
+    def __init__(self, prepared, plans: DecoderPlans, encoder, fixed_point: FixedPoint, progress=None):
         fp = fixed_point
-        d = prepared.n_embd
+        d = prepared.shape.n_embd
         self.fixed_point = fp
         tick = progress or (lambda: None)  # called once per encoded matrix (progress bars)
 
         # Embedding: rows of wte, zero-padded to whole chunks.
         padded = torch.zeros(plans.embed_chunks * plans.embed_chunk, d, dtype=torch.float64)
-        padded[: prepared.vocab_size] = prepared.wte
+        padded[: prepared.shape.vocab_size] = prepared.wte
         wte_int = fp.quantize_weight(padded).reshape(plans.embed_chunks, plans.embed_chunk, d)
         self.embed = [plans.embed.encode_weights(encoder, chunk) for chunk in wte_int]
-        self.wpe = fp.quantize_weight(prepared.wpe)  # added at weight_bits (one-hot x wte has weight_bits)
+        # Learned positions, added at weight_bits (one-hot x wte has weight_bits); None for rotary ones.
+        self.wpe = fp.quantize_weight(prepared.wpe) if prepared.wpe is not None else None
         tick()
 
-        def linear(plan, lin):
+        def linear(plan, lin, packable: bool):
             quantized = fp.quantize_weight(lin.weight).astype(np.int32)
-            kept = quantized if plan is not plans.lm_head else None  # the LM head is never packed (PACKED)
-            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), kept)
+            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), quantized if packable else None)
             tick()
             return enc
 
-        self.blocks = []
-        for block in prepared.blocks:
-            self.blocks.append(
-                {
-                    "qkv": linear(plans.qkv, block.qkv),
-                    "attn_out": linear(plans.attn_out, block.attn_out),
-                    "fc_in": linear(plans.fc_in, block.fc_in),
-                    "fc_out": linear(plans.fc_out, block.fc_out),
-                }
-            )
-        self.lm_head = linear(plans.lm_head, prepared.lm_head)
+        self.blocks = [
+            {name: linear(plans.decode[name], block[name], plans.packed[name] is not None) for name in plans.linear_shapes}
+            for block in prepared.blocks
+        ]
+        self.lm_head = linear(plans.lm_head, prepared.lm_head, packable=False)  # never packed (PACKED_TOKENS)
+
+    @staticmethod
+    def n_matrices(shape: ModelShape) -> int:
+        """How many times ``progress`` is called (progress bars)."""
+        return 2 + shape.n_layer * len(family(shape.family).linear_shapes(shape))
 
 
-class SecureGPT2:
-    """One party's side of the secure decode protocol for a GPT-2 model.
+class SecureDecoder:
+    """One party's side of the secure protocol for a decoder of any family (``families``).
 
     The encrypted cache of each layer has two parts (DESIGN section 5): the
     prompt of the first pass, kept in the outer layout when ``policy`` says
     so (``outer``: the shape-only OuterPart both parties track), and every
-    later token in the inner layout. Server: ``encoded`` is an EncodedGPT2,
+    later token in the inner layout. Server: ``encoded`` is an EncodedDecoder,
     ``caches`` holds one InnerKVCache per layer and ``outer_caches`` one
     OuterKVCache per layer (or None). Client: ``encoded`` is None and only
     token counts are tracked.
@@ -351,9 +322,9 @@ class SecureGPT2:
         self,
         party,
         shape: ModelShape,
-        plans: GPT2Plans,
+        plans: DecoderPlans,
         fixed_point: FixedPoint,
-        encoded: EncodedGPT2 | None = None,
+        encoded: EncodedDecoder | None = None,
         policy: PrefillLayoutPolicy | None = None,
     ):
         if party.is_server and encoded is None:
@@ -361,6 +332,7 @@ class SecureGPT2:
         if party.is_client and encoded is not None:
             raise ValueError("the client must never hold the model's weights")
         self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
+        self.wiring = family(shape.family)  # the family's block (cryptogen_hf/families)
         self.policy = policy or PrefillLayoutPolicy(shape, party.he.params)
         # Wall-clock seconds per protocol component (this party's view), for
         # the benchmarks' breakdown; reset with timings.clear().
@@ -374,7 +346,7 @@ class SecureGPT2:
         self.reset()
 
     @contextmanager
-    def _timed(self, component: str):
+    def timed(self, component: str):
         start = time.perf_counter()
         try:
             yield
@@ -414,7 +386,7 @@ class SecureGPT2:
             whose logits the caller needs; the LM head runs for those only).
         packed: let the pass put several tokens per ciphertext and run a first
             pass's own attention on shares where that is estimated cheaper
-            (``GPT2Plans.for_pass``, ``PrefillLayoutPolicy.prompt_on_shares``);
+            (``DecoderPlans.for_pass``, ``PrefillLayoutPolicy.prompt_on_shares``);
             False: one token per ciphertext, attention over the cache (the
             benchmarks' token-by-token baseline). Public, the same on both sides.
         Returns the logits shares (keep x vocab) or None when no flag is set.
@@ -443,12 +415,12 @@ class SecureGPT2:
         self.packed = packed
         try:
             if t0:
-                with self._timed("refresh"):
+                with self.timed("refresh"):
                     self._refresh_weak_blocks()
-            with self._timed("embedding"):
+            with self.timed("embedding"):
                 h = self._embed(token_ids, t0, T)
             for layer in range(self.shape.n_layer):
-                h = self._block(layer, h, t0, T, store_outer)
+                h = self.wiring.secure_block(self, layer, h, t0, T, store_outer)
         finally:
             channel.timeout_s = base_timeout
         if store_outer is not None:
@@ -458,9 +430,8 @@ class SecureGPT2:
         self.tokens_processed += T
         if not keep:
             return None
-        with self._timed("layernorm"):
-            x = ops.layer_norm(h[T - keep :], eps=self.shape.ln_eps, pre_scale=self.shape.ln_pre_scales[-1])
-        return self._linear(x, "lm_head", None)
+        x = self.norm(h[T - keep :], 2 * self.shape.n_layer)
+        return self.linear(x, "lm_head", None)
 
     def _embed(self, token_ids, t0: int, T: int):
         """The client's one-hot rows (chunks of the vocabulary) times wte under HE, plus wpe."""
@@ -488,23 +459,34 @@ class SecureGPT2:
                 else:
                     for acc, tile in zip(outs, tiles):
                         he.evaluator.add_inplace(acc, tile)
-        wpe = self.encoded.wpe[t0 : t0 + T].reshape(-1) if party.is_server else None
+        learned_positions = party.is_server and self.encoded.wpe is not None
+        wpe = self.encoded.wpe[t0 : t0 + T].reshape(-1) if learned_positions else None
         d = self.shape.n_embd
         h = he_to_shares(party, outs, io, self.fp.weight_bits, T * d, server_addend=wpe)
         return h.reshape(T, d)
 
-    def _plan_for(self, name: str, T: int):
-        return self.plans.for_pass(name, T) if self.packed else getattr(self.plans, name)
+    # ---------------------------------------------- layers a family's block calls
+    def norm(self, h, index: int):
+        """The ``index``-th norm of the model (2 per block, then the final one) on
+        shares: LayerNorm or RMSNorm as the family has it, without its affine
+        (folded into the next linear by the server)."""
+        with self.timed("norm"):
+            return ops.layer_norm(h, eps=self.shape.norm_eps, pre_scale=self.shape.norm_pre_scales[index],
+                                  centered=self.wiring.NORM_CENTERED)
 
-    def _linear(self, x, name: str, layer: int | None):
-        """x (T x d_in shares) @ W + b for the named linear layer -> T x d_out shares (16 bits)."""
+    def linear(self, x, name: str, layer: int | None):
+        """x (T x d_in shares) @ W + b for the named linear layer of block
+        ``layer`` (the LM head: name "lm_head", layer None) -> T x d_out shares (16 bits)."""
         party = self.party
         T = x.size(0)
-        plan = self._plan_for(name, T)
+        if layer is None:
+            plan = self.plans.lm_head
+        else:
+            plan = self.plans.for_pass(name, T) if self.packed else self.plans.decode[name]
         io = MatvecIO(plan, T)
-        with self._timed("to_he"):
+        with self.timed("to_he"):
             cts = shares_to_he(party, x.reshape(-1), io, self.fp.activation_bits)
-        with self._timed(name):
+        with self.timed(name):
             if party.is_server:
                 enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
                 weights = enc.weights_for(party.he, plan)
@@ -513,31 +495,21 @@ class SecureGPT2:
             else:
                 outs, bias = None, None
         bits = self.fp.activation_bits + self.fp.weight_bits
-        with self._timed("from_he"):
+        with self.timed("from_he"):
             y = he_to_shares(party, outs, io, bits, T * plan.d_out, server_addend=bias)
         return y.reshape(T, plan.d_out)
 
-    def _block(self, layer: int, h, t0: int, T: int, store_outer: OuterAttentionPlan | None = None):
-        """One transformer block over T new tokens at positions t0..t0+T-1.
-
-        store_outer: in a conversation's first pass, the outer plan its tokens
-        are stored with (else they go to the inner layout).
-        """
-        shape = self.shape
-        with self._timed("layernorm"):
-            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer])
-        qkv = self._linear(x, "qkv", layer)
+    def attention(self, layer: int, qkv, t0: int, T: int, store_outer: OuterAttentionPlan | None):
+        """Causal self-attention of T new tokens (positions t0..) over the
+        encrypted cache, which their keys and values join. ``qkv``: shares
+        (T, 3 d_attn) of [q | k | v], one key and value head per query head
+        (a grouped family repeats its shared heads first), the scale already
+        in q. ``store_outer``: in a conversation's first pass, the outer plan
+        its tokens are stored with (else they go to the inner layout).
+        Returns shares (T, d_attn)."""
         if t0 == 0 and self.packed and self.policy.prompt_on_shares(T):
-            attn = self._prompt_attention(layer, qkv, T, store_outer)
-        else:
-            attn = self._cached_attention(layer, qkv, t0, T, store_outer)
-        h = h + self._linear(attn, "attn_out", layer)
-        with self._timed("layernorm"):
-            x = ops.layer_norm(h, eps=shape.ln_eps, pre_scale=shape.ln_pre_scales[2 * layer + 1])
-        m = self._linear(x, "fc_in", layer)
-        with self._timed("gelu"):
-            m = ops.gelu(m)
-        return h + self._linear(m, "fc_out", layer)
+            return self._prompt_attention(layer, qkv, T, store_outer)
+        return self._cached_attention(layer, qkv, t0, T, store_outer)
 
     def _prompt_attention(self, layer: int, qkv, T: int, store_outer: OuterAttentionPlan | None):
         """A conversation's first pass: its keys and values go into a new
@@ -545,9 +517,9 @@ class SecureGPT2:
         causal attention runs on shares (protocol/shared_matmul.py), with
         plaintext-ciphertext products only."""
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
-        d, n_head, dh = shape.n_embd, shape.n_head, shape.head_dim
+        d, n_head, dh = shape.d_attn, shape.n_head, shape.head_dim
         kv_io = PromptKVIntoCache(self.plans.cache_layout, T, store_outer)
-        with self._timed("to_he"):
+        with self.timed("to_he"):
             cts = shares_to_he(party, qkv[:, d:].reshape(-1), kv_io, fa)
         if party.is_server:
             k_cts, v_cts = kv_io.split(cts)
@@ -556,11 +528,11 @@ class SecureGPT2:
             else:
                 self.caches[layer].load_blocks(k_cts, v_cts, T)
         heads = qkv.reshape(T, 3, n_head, dh).permute(1, 2, 0, 3)  # (q|k|v, head, T, dh)
-        with self._timed("scores"):
+        with self.timed("scores"):
             scores = shared_matmul(party, heads[0], heads[1].transpose(1, 2), fa, fa)
-        with self._timed("softmax"):
+        with self.timed("softmax"):
             probs = ops.softmax(scores, dim=-1, causal=True)  # (heads, T, T)
-        with self._timed("attn_values"):
+        with self.timed("attn_values"):
             out = shared_matmul(party, probs, heads[2], CRYPTEN_FRAC_BITS, fa)  # (heads, T, dh)
         return out.permute(1, 0, 2).reshape(T, d)
 
@@ -571,7 +543,7 @@ class SecureGPT2:
         runs against the inner layout, then the inner blocks are dropped and
         K, V live on as diagonals."""
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
-        d, n_head = shape.n_embd, shape.n_head
+        d, n_head = shape.d_attn, shape.n_head
         layout = self.plans.cache_layout
         outer, n_outer = self.outer, self.n_outer
         inner_t0, n_inner = t0 - n_outer, t0 + T - n_outer
@@ -579,9 +551,9 @@ class SecureGPT2:
 
         # q, k, v re-encrypted fresh in the cache layouts; k, v join the cache.
         qkv_io = QKVIntoCache(layout, inner_t0, T, outer_query=outer.plan if outer else None, outer_store=store_outer)
-        with self._timed("to_he"):
+        with self.timed("to_he"):
             cts = shares_to_he(party, qkv.reshape(-1), qkv_io, fa)
-        with self._timed("scores"):
+        with self.timed("scores"):
             if party.is_server:
                 he, cts = party.he, qkv_io.split(cts)
                 cache = self.caches[layer]
@@ -594,17 +566,17 @@ class SecureGPT2:
                     score_cts.extend(cache.scores(he, q_ct))
             else:
                 score_cts = None
-        with self._timed("from_he"):
+        with self.timed("from_he"):
             scores_io = ScoresFromCache(layout, n_inner, T, outer)
             scores = he_to_shares(party, score_cts, scores_io, 2 * fa, T * n_head * n_ctx)
-        with self._timed("softmax"):
+        with self.timed("softmax"):
             # (heads, T, n_ctx): the public causal mask hides later tokens of the same pass.
             probs = ops.softmax(scores.reshape(T, n_head, n_ctx).permute(1, 0, 2), dim=-1, causal=T > 1)
             probs = probs.permute(1, 0, 2)
 
-        with self._timed("to_he"):
+        with self.timed("to_he"):
             prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_inner, T, outer), CRYPTEN_FRAC_BITS)
-        with self._timed("attn_values"):
+        with self.timed("attn_values"):
             if party.is_server:
                 per_row = len(prob_cts) // T
                 rows = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(T)]
@@ -617,7 +589,7 @@ class SecureGPT2:
                     self.caches[layer] = self._empty_inner()
             else:
                 out_cts = None
-        with self._timed("from_he"):
+        with self.timed("from_he"):
             out_io = AttentionOutput(layout, T, outer)
             parts = he_to_shares(party, out_cts, out_io, fa + CRYPTEN_FRAC_BITS, out_io.parts * T * d)
         return parts.reshape(out_io.parts, T, d).sum(dim=0)  # inner + outer contributions, free on shares
