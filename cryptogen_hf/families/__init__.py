@@ -64,6 +64,11 @@ class ModelShape:
         return self.n_head * self.head_dim
 
     @property
+    def d_kv(self) -> int:
+        """Width of the keys (and of the values)."""
+        return self.n_kv_head * self.head_dim
+
+    @property
     def kv_groups(self) -> int:
         """Query heads per key/value head."""
         return self.n_head // self.n_kv_head

@@ -19,16 +19,15 @@ by public cos and sin of the position, so each party applies it to its own
 share (two public multiplications, each a local truncation: no round, no
 message). The rotated keys go into the encrypted cache, as in HF's cache.
 
-Grouped-query attention: the secure attention works per query head, so each
-key/value head is repeated for its group on shares before its keys and
-values go into the encrypted cache (free on shares; the cache then holds
-n_head heads, kv_groups times the memory of a cache of shared heads).
+Grouped-query attention: the encrypted cache holds the n_kv_head shared
+key/value heads (``SecureDecoder.attention``), as HF's cache does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..crypten_compat import import_crypten
 from ..mpc import ops
 from . import ModelShape, UnsupportedArchitectureError, check_width
 
@@ -101,8 +100,8 @@ def shape_from_config(config, rotary=None) -> ModelShape:
 
 
 def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
-    d, qkv = shape.n_embd, (shape.n_head + 2 * shape.n_kv_head) * shape.head_dim
-    return {"qkv": (d, qkv), "attn_out": (shape.d_attn, d), "gate_up": (d, 2 * shape.d_mlp), "down": (shape.d_mlp, d)}
+    d = shape.n_embd
+    return {"qkv": (d, shape.d_attn + 2 * shape.d_kv), "attn_out": (shape.d_attn, d), "gate_up": (d, 2 * shape.d_mlp), "down": (shape.d_mlp, d)}
 
 
 def norm_modules(model) -> list:
@@ -158,7 +157,7 @@ def rotate(x, cos, sin, cat):
 
 
 def _split_heads(shape: ModelShape, qkv):
-    T, dh, kv = qkv.size(0), shape.head_dim, shape.n_kv_head * shape.head_dim
+    T, dh, kv = qkv.size(0), shape.head_dim, shape.d_kv
     q = qkv[:, : shape.d_attn].reshape(T, shape.n_head, dh)
     k = qkv[:, shape.d_attn : shape.d_attn + kv].reshape(T, shape.n_kv_head, dh)
     v = qkv[:, shape.d_attn + kv :].reshape(T, shape.n_kv_head, dh)
@@ -167,18 +166,14 @@ def _split_heads(shape: ModelShape, qkv):
 
 def secure_block(model, layer: int, h, t0: int, T: int, store_outer=None):
     """One block over T new tokens at positions t0..t0+T-1 (``model``: a SecureDecoder)."""
-    import crypten
-
+    crypten = import_crypten()
     shape = model.shape
     x = model.norm(h, 2 * layer)
     q, k, v = _split_heads(shape, model.linear(x, "qkv", layer))
     with model.timed("rope"):
         cos, sin = rotary_cos_sin(shape, torch.arange(t0, t0 + T))
         q, k = rotate(q, cos, sin, crypten.cat), rotate(k, cos, sin, crypten.cat)
-        # Each key/value head serves kv_groups consecutive query heads (HF's repeat_kv).
-        group_of = torch.arange(shape.n_head) // shape.kv_groups
-        k, v = k.index_select(1, group_of), v.index_select(1, group_of)
-        qkv = crypten.cat([t.reshape(T, shape.d_attn) for t in (q, k, v)], dim=-1)
+        qkv = crypten.cat([t.reshape(T, -1) for t in (q, k, v)], dim=-1)
     h = h + model.linear(model.attention(layer, qkv, t0, T, store_outer), "attn_out", layer)
     x = model.norm(h, 2 * layer + 1)
     gate_up = model.linear(x, "gate_up", layer)

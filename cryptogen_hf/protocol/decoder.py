@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..crypten_compat import import_crypten
 from ..families import ModelShape, family
 from ..he import InnerKVCache, MatvecPlan, OuterAttentionPlan, OuterKVCache
 from ..he.columns import ColumnProductPlan
@@ -148,7 +149,8 @@ class DecoderPlans:
         self.decode = {name: MatvecPlan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.packed = {name: packed_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.lm_head = MatvecPlan(d, v, he_params)
-        self.cache_layout = InnerKVCache(shape.n_head, shape.head_dim, he_params)
+        # The cache holds the key/value heads (fewer than the query heads under grouped-query attention).
+        self.cache_layout = InnerKVCache(shape.n_kv_head, shape.head_dim, he_params)
 
     def for_pass(self, name: str, T: int) -> MatvecPlan:
         """The plan of linear ``name`` ("qkv", ...) for a pass of T tokens."""
@@ -195,11 +197,12 @@ class PrefillLayoutPolicy:
             raise ValueError(f"prefill layout must be one of {PREFILL_LAYOUTS}, got {mode!r}")
         self.shape, self.params, self.mode = shape, he_params, mode
         self.costs = costs or DEFAULT_COSTS
-        self.inner = InnerKVCache(shape.n_head, shape.head_dim, he_params)
-        self.max_outer = min(shape.n_positions, OuterAttentionPlan.max_tokens(shape.n_head, shape.head_dim, he_params))
+        self.inner = InnerKVCache(shape.n_kv_head, shape.head_dim, he_params)
+        self.max_outer = min(shape.n_positions, OuterAttentionPlan.max_tokens(shape.n_kv_head, shape.head_dim, he_params))
 
     def inner_seconds(self, n_tokens: int) -> float:
-        """Estimated q K^T + p V time of one decode query over n inner tokens."""
+        """Estimated q K^T + p V time of one decode query (one query head per
+        key/value head) over n inner tokens."""
         t, layout = self.costs, self.inner
         blocks = -(-n_tokens // layout.B)
         per_block = 2 * t["mul_ct"] + t["relin"] + fold_rotations(layout.dh) * t["rot"]
@@ -221,11 +224,13 @@ class PrefillLayoutPolicy:
 
     def cached_prompt_seconds(self, T: int) -> float:
         """Estimated time of a first pass's own attention over the encrypted
-        cache (one head set per query and block): conversions of q, k, v,
-        scores, probabilities and outputs, and the ct x ct products."""
-        t, blocks = self.costs, T * -(-T // self.inner.B)
+        cache (one key/value head set per query, query group and block):
+        conversions of q, k, v, scores, probabilities and outputs, and the
+        ct x ct products."""
+        g = self.shape.kv_groups
+        t, blocks = self.costs, g * T * -(-T // self.inner.B)
         product = t["mul_ct"] + t["relin"] + fold_rotations(self.inner.dh) * t["rot"]
-        return (3 * T + blocks) * t["to_he"] + (blocks + T) * t["from_he"] + 2 * blocks * (product + t["mul_ct"] / 2)
+        return ((g + 2) * T + blocks) * t["to_he"] + (blocks + g * T) * t["from_he"] + 2 * blocks * (product + t["mul_ct"] / 2)
 
     def shared_prompt_seconds(self, T: int) -> float:
         """The same on shares (protocol/shared_matmul.py): the cache's blocks,
@@ -250,13 +255,13 @@ class PrefillLayoutPolicy:
         return any(self.use_outer(n) for n in range(2, self.max_outer + 1))
 
     def plan(self, n_tokens: int) -> OuterAttentionPlan:
-        return OuterAttentionPlan(self.shape.n_head, self.shape.head_dim, n_tokens, self.params)
+        return OuterAttentionPlan(self.shape.n_kv_head, self.shape.head_dim, n_tokens, self.params)
 
     def galois_steps(self) -> set[int]:
         """Rotation keys the outer part may need (none if it is never used)."""
         if not self.may_use_outer():
             return set()
-        return OuterAttentionPlan.galois_steps_up_to(self.shape.n_head, self.shape.head_dim, self.max_outer, self.params)
+        return OuterAttentionPlan.galois_steps_up_to(self.shape.n_kv_head, self.shape.head_dim, self.max_outer, self.params)
 
 
 @dataclass
@@ -365,7 +370,7 @@ class SecureDecoder:
 
     def _empty_inner(self) -> InnerKVCache:
         he = self.party.he
-        return InnerKVCache(self.shape.n_head, self.shape.head_dim, he.params, he.noise_model)
+        return InnerKVCache(self.shape.n_kv_head, self.shape.head_dim, he.params, he.noise_model)
 
     @property
     def n_outer(self) -> int:
@@ -502,9 +507,9 @@ class SecureDecoder:
     def attention(self, layer: int, qkv, t0: int, T: int, store_outer: OuterAttentionPlan | None):
         """Causal self-attention of T new tokens (positions t0..) over the
         encrypted cache, which their keys and values join. ``qkv``: shares
-        (T, 3 d_attn) of [q | k | v], one key and value head per query head
-        (a grouped family repeats its shared heads first), the scale already
-        in q. ``store_outer``: in a conversation's first pass, the outer plan
+        (T, d_attn + 2 d_kv) of [q | k | v] (n_head query heads, n_kv_head
+        key/value heads, each serving kv_groups consecutive query heads),
+        the scale already in q. ``store_outer``: in a conversation's first pass, the outer plan
         its tokens are stored with (else they go to the inner layout).
         Returns shares (T, d_attn)."""
         if t0 == 0 and self.packed and self.policy.prompt_on_shares(T):
@@ -517,7 +522,7 @@ class SecureDecoder:
         causal attention runs on shares (protocol/shared_matmul.py), with
         plaintext-ciphertext products only."""
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
-        d, n_head, dh = shape.d_attn, shape.n_head, shape.head_dim
+        d, dh = shape.d_attn, shape.head_dim
         kv_io = PromptKVIntoCache(self.plans.cache_layout, T, store_outer)
         with self.timed("to_he"):
             cts = shares_to_he(party, qkv[:, d:].reshape(-1), kv_io, fa)
@@ -527,32 +532,44 @@ class SecureDecoder:
                 self.outer_caches[layer] = OuterKVCache(store_outer, k_cts, v_cts, party.he.noise_model.fresh)
             else:
                 self.caches[layer].load_blocks(k_cts, v_cts, T)
-        heads = qkv.reshape(T, 3, n_head, dh).permute(1, 2, 0, 3)  # (q|k|v, head, T, dh)
+        q = qkv[:, :d].reshape(T, shape.n_head, dh).permute(1, 0, 2)  # (head, T, dh)
+        # Each key/value head serves kv_groups consecutive query heads (HF's repeat_kv), free on shares.
+        group_of = torch.arange(shape.n_head) // shape.kv_groups
+        k, v = (x.reshape(T, shape.n_kv_head, dh).index_select(1, group_of).permute(1, 0, 2)
+                for x in (qkv[:, d : d + shape.d_kv], qkv[:, d + shape.d_kv :]))
         with self.timed("scores"):
-            scores = shared_matmul(party, heads[0], heads[1].transpose(1, 2), fa, fa)
+            scores = shared_matmul(party, q, k.transpose(1, 2), fa, fa)
         with self.timed("softmax"):
             probs = ops.softmax(scores, dim=-1, causal=True)  # (heads, T, T)
         with self.timed("attn_values"):
-            out = shared_matmul(party, probs, heads[2], CRYPTEN_FRAC_BITS, fa)  # (heads, T, dh)
+            out = shared_matmul(party, probs, v, CRYPTEN_FRAC_BITS, fa)  # (heads, T, dh)
         return out.permute(1, 0, 2).reshape(T, d)
 
     def _cached_attention(self, layer: int, qkv, t0: int, T: int, store_outer: OuterAttentionPlan | None):
         """T queries against the encrypted cache (which their keys and values
-        join first): a ciphertext-ciphertext product per query and block.
-        With ``store_outer`` (a short first pass) the tokens' own attention
-        runs against the inner layout, then the inner blocks are dropped and
-        K, V live on as diagonals."""
+        join first): a ciphertext-ciphertext product per query, query group
+        and block. With ``store_outer`` (a short first pass) the tokens' own
+        attention runs against the inner layout, then the inner blocks are
+        dropped and K, V live on as diagonals.
+
+        Grouped-query attention: the cache holds the n_kv_head key/value
+        heads; a token's queries go in as kv_groups query ciphertexts, the
+        j-th holding query head kv * kv_groups + j at key/value head kv's
+        place, so each is an ordinary query of the cache's shape ("query
+        rows" below: T x kv_groups of them)."""
         party, shape, fa = self.party, self.shape, self.fp.activation_bits
-        d, n_head = shape.d_attn, shape.n_head
+        d, g, kv_heads, dh = shape.d_attn, shape.kv_groups, shape.n_kv_head, shape.head_dim
         layout = self.plans.cache_layout
         outer, n_outer = self.outer, self.n_outer
         inner_t0, n_inner = t0 - n_outer, t0 + T - n_outer
-        n_ctx = t0 + T
+        n_ctx, rows = t0 + T, T * g
 
+        # q (T, kv head, group member, dh) -> (T, group member, kv head, dh): the query rows.
+        q_rows = qkv[:, :d].reshape(T, kv_heads, g, dh).permute(0, 2, 1, 3).reshape(T, g * kv_heads * dh)
         # q, k, v re-encrypted fresh in the cache layouts; k, v join the cache.
-        qkv_io = QKVIntoCache(layout, inner_t0, T, outer_query=outer.plan if outer else None, outer_store=store_outer)
+        qkv_io = QKVIntoCache(layout, inner_t0, T, outer_query=outer.plan if outer else None, outer_store=store_outer, groups=g)
         with self.timed("to_he"):
-            cts = shares_to_he(party, qkv.reshape(-1), qkv_io, fa)
+            cts = shares_to_he(party, import_crypten().cat([q_rows, qkv[:, d:]], dim=1).reshape(-1), qkv_io, fa)
         with self.timed("scores"):
             if party.is_server:
                 he, cts = party.he, qkv_io.split(cts)
@@ -567,22 +584,22 @@ class SecureDecoder:
             else:
                 score_cts = None
         with self.timed("from_he"):
-            scores_io = ScoresFromCache(layout, n_inner, T, outer)
-            scores = he_to_shares(party, score_cts, scores_io, 2 * fa, T * n_head * n_ctx)
+            scores_io = ScoresFromCache(layout, n_inner, rows, outer)
+            scores = he_to_shares(party, score_cts, scores_io, 2 * fa, rows * kv_heads * n_ctx)
         with self.timed("softmax"):
-            # (heads, T, n_ctx): the public causal mask hides later tokens of the same pass.
-            probs = ops.softmax(scores.reshape(T, n_head, n_ctx).permute(1, 0, 2), dim=-1, causal=T > 1)
-            probs = probs.permute(1, 0, 2)
+            # (group member x kv head, T, n_ctx): the public causal mask hides later tokens of the same pass.
+            scores = scores.reshape(T, g * kv_heads, n_ctx).permute(1, 0, 2)
+            probs = ops.softmax(scores, dim=-1, causal=T > 1).permute(1, 0, 2)  # back to the query rows' order
 
         with self.timed("to_he"):
-            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_inner, T, outer), CRYPTEN_FRAC_BITS)
+            prob_cts = shares_to_he(party, probs.reshape(-1), ProbsIntoCache(layout, n_inner, rows, outer), CRYPTEN_FRAC_BITS)
         with self.timed("attn_values"):
             if party.is_server:
-                per_row = len(prob_cts) // T
-                rows = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(T)]
-                out_cts = [self.caches[layer].attend(party.he, row[outer is not None :]) for row in rows]
+                per_row = len(prob_cts) // rows
+                row_cts = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(rows)]
+                out_cts = [self.caches[layer].attend(party.he, row[outer is not None :]) for row in row_cts]
                 if outer is not None:
-                    out_cts += [outer.plan.attend(party.he, self.outer_caches[layer], row[0]) for row in rows]
+                    out_cts += [outer.plan.attend(party.he, self.outer_caches[layer], row[0]) for row in row_cts]
                 if store_outer is not None:
                     fresh = party.he.noise_model.fresh
                     self.outer_caches[layer] = OuterKVCache(store_outer, cts["k_diag"], cts["v_diag"], fresh)
@@ -590,9 +607,10 @@ class SecureDecoder:
             else:
                 out_cts = None
         with self.timed("from_he"):
-            out_io = AttentionOutput(layout, T, outer)
-            parts = he_to_shares(party, out_cts, out_io, fa + CRYPTEN_FRAC_BITS, out_io.parts * T * d)
-        return parts.reshape(out_io.parts, T, d).sum(dim=0)  # inner + outer contributions, free on shares
+            out_io = AttentionOutput(layout, rows, outer)
+            parts = he_to_shares(party, out_cts, out_io, fa + CRYPTEN_FRAC_BITS, out_io.parts * rows * kv_heads * dh)
+        out = parts.reshape(out_io.parts, T, g, kv_heads, dh).sum(dim=0)  # inner + outer contributions, free on shares
+        return out.permute(0, 2, 1, 3).reshape(T, d)  # query head kv * g + j
 
     # ------------------------------------------------------------- benchmarks
     def fill_for_benchmark(self, n_tokens: int, seed: int = 0):
@@ -617,7 +635,7 @@ class SecureDecoder:
             scale = 4 << self.fp.activation_bits  # |k|, |v| up to ~4: GPT-2's typical range
             blobs = []
             for _ in range(shape.n_layer):
-                K, V = rng.integers(-scale, scale, size=(2, n_tokens, shape.n_head, shape.head_dim))
+                K, V = rng.integers(-scale, scale, size=(2, n_tokens, shape.n_kv_head, shape.head_dim))
                 if outer is not None:
                     slots = pack_outer_kv(outer, K, V)
                 else:

@@ -93,44 +93,51 @@ def unpack_outer_kv(plan, cts: list) -> tuple[list, list]:
 class QKVIntoCache:
     """Fused q|k|v rows of T tokens -> fresh ciphertexts for the encrypted cache.
 
-    Order: T query ciphertexts for the inner part (q replicated at every token
-    offset of a block, so one ct x ct product scores a whole block), T key and
-    T value ciphertexts (token t's features at its inner slot offset, zeros
-    elsewhere, ready to be added into the block); then, optionally,
-      ``outer_query``: T query ciphertexts in the outer layout (decode steps
-        that score against a prompt stored outer);
+    A row holds ``groups`` query vectors (grouped-query attention: each of the
+    cache's key/value heads serves ``groups`` query heads; the j-th vector
+    holds the j-th query head of every group), then k, then v, each the
+    width of the cache's heads.
+
+    Order: T x groups query ciphertexts for the inner part (q replicated at
+    every token offset of a block, so one ct x ct product scores a whole
+    block), T key and T value ciphertexts (token t's features at its inner
+    slot offset, zeros elsewhere, ready to be added into the block); then,
+    optionally,
+      ``outer_query``: T x groups query ciphertexts in the outer layout
+        (decode steps that score against a prompt stored outer);
       ``outer_store``: the nonzero K diagonals then V diagonals of these T
         tokens (the prefill pass that stores the prompt outer).
     ``t0`` is the first token's index inside the inner part.
     """
 
-    def __init__(self, cache_layout, t0: int, rows: int = 1, outer_query=None, outer_store=None):
-        self.cache, self.t0, self.rows = cache_layout, t0, rows
+    def __init__(self, cache_layout, t0: int, rows: int = 1, outer_query=None, outer_store=None, groups: int = 1):
+        self.cache, self.t0, self.rows, self.groups = cache_layout, t0, rows, groups
         self.outer_query, self.outer_store = outer_query, outer_store
         if outer_store is not None and outer_store.T != rows:
             raise ValueError(f"an outer tile for {outer_store.T} tokens cannot store {rows}")
 
     def pack_input(self, values):
-        v = np.asarray(values, dtype=np.int64).reshape(self.rows, 3, -1)
+        g = self.groups
+        v = np.asarray(values, dtype=np.int64).reshape(self.rows, g + 2, -1)
         positions = range(self.t0, self.t0 + self.rows)
-        out = [self.cache.pack_query(v[i, 0]) for i in range(self.rows)]
-        out += [self.cache.pack_token(v[i, 1], t) for i, t in enumerate(positions)]
-        out += [self.cache.pack_token(v[i, 2], t) for i, t in enumerate(positions)]
+        out = [self.cache.pack_query(v[i, j]) for i in range(self.rows) for j in range(g)]
+        out += [self.cache.pack_token(v[i, g], t) for i, t in enumerate(positions)]
+        out += [self.cache.pack_token(v[i, g + 1], t) for i, t in enumerate(positions)]
         if self.outer_query is not None:
-            out += [self.outer_query.pack_query(v[i, 0]) for i in range(self.rows)]
+            out += [self.outer_query.pack_query(v[i, j]) for i in range(self.rows) for j in range(g)]
         if self.outer_store is not None:
             shape = (self.rows, self.outer_store.H, self.outer_store.dh)
-            out += pack_outer_kv(self.outer_store, v[:, 1].reshape(shape), v[:, 2].reshape(shape))
+            out += pack_outer_kv(self.outer_store, v[:, g].reshape(shape), v[:, g + 1].reshape(shape))
         return out
 
     def split(self, cts: list) -> dict:
         """The server's ciphertexts by role, in the order ``pack_input`` made them;
         outer diagonals as (giant x baby) nested lists with None for zero ones."""
-        T = self.rows
-        parts = {"q": cts[:T], "k": cts[T : 2 * T], "v": cts[2 * T : 3 * T]}
-        rest = cts[3 * T :]
+        T, nq = self.rows, self.rows * self.groups
+        parts = {"q": cts[:nq], "k": cts[nq : nq + T], "v": cts[nq + T : nq + 2 * T]}
+        rest = cts[nq + 2 * T :]
         if self.outer_query is not None:
-            parts["q_outer"], rest = rest[:T], rest[T:]
+            parts["q_outer"], rest = rest[:nq], rest[nq:]
         if self.outer_store is not None:
             parts["k_diag"], parts["v_diag"] = unpack_outer_kv(self.outer_store, rest)
         elif rest:

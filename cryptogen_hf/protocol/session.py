@@ -164,7 +164,7 @@ def cache_ciphertexts_bound(plans: DecoderPlans, shape: ModelShape, he_params: H
     V, every layer: inner blocks of B tokens plus the outer layout's head_dim
     diagonals per tile (a cache holds a prompt in one and the rest in the other)."""
     T = shape.n_positions
-    per_layer = -(-T // plans.cache_layout.B) + shape.head_dim * (1 + T * shape.n_head // he_params.row_size)
+    per_layer = -(-T // plans.cache_layout.B) + shape.head_dim * (1 + T * shape.n_kv_head // he_params.row_size)
     return 2 * shape.n_layer * per_layer
 
 
@@ -411,7 +411,7 @@ class ClientSession:
         # Tighten the server's noise estimates for this model's attention
         # kernels (it refreshes cache blocks by them: he/attention.py).
         steps = sorted(set(self.plans.galois_steps()) | self.policy.galois_steps())
-        self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_head, self.shape.head_dim, steps)
+        self.he.noise_model.attention_slack = calibrate_attention_slack(self.he, self.shape.n_kv_head, self.shape.head_dim, steps)
         self.channel.send("he_bundle", self.he.public_bundle(steps))
 
         self.mpc = runtime.SessionMPC(CLIENT, _mpc_config(self.config), self.channel)
