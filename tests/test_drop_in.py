@@ -96,8 +96,7 @@ def test_batches_name_the_fix(checkpoint):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"n_embd": 1280, "n_head": 20}, "n_embd=1280 is too wide.*HE row of 4096 slots"),  # GPT-2 large
-    ({"n_inner": 8192}, "n_inner.*=8192"),
+    ({"n_embd": 8192, "n_head": 64}, "n_embd=8192 is too wide.*HE row of 4096 slots"),
     ({"activation_function": "relu"}, "relu"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
 ])

@@ -8,6 +8,7 @@ from cryptogen_hf.he import (
     CiphertextError, ClientHE, HEParams, InnerKVCache, MatvecPlan,
     OuterAttentionPlan, OuterKVCache, ServerHE,
 )
+from cryptogen_hf.he.matvec import SplitMatvecPlan, matvec_plan
 
 H, DH, T_OUT, T_IN = 4, 48, 40, 45  # small model: d = 192
 
@@ -22,6 +23,7 @@ def setup():
         "mv_tall": MatvecPlan(192, 4096, params),
         "packed_small": MatvecPlan(192, 576, params, tokens=16),
         "packed_tall": MatvecPlan(768, 192, params, tokens=8),
+        "split_wide": matvec_plan(5000, 192, params),  # wider than a row (4096): two input ciphertexts
         "outer": OuterAttentionPlan(H, DH, T_OUT, params),
     }
     inner = InnerKVCache(H, DH, params)
@@ -124,6 +126,19 @@ def test_column_product_exact_with_uniform_operands(setup, heads, rows, inner, c
     outs = plan.apply(server, [client.encrypt(v) for v in plan.pack_input(A.astype(np.int64))], B.astype(np.int64))
     Y = plan.unpack_output([client.decrypt(o) for o in outs]).astype(object)
     assert (Y == np.einsum("hri,hic->hrc", A.astype(object), B.astype(object)) % p).all()
+    assert plan.estimate_budget(server.noise_model, server.noise_model.fresh) <= min(client.noise_budget(o) for o in outs)
+
+
+def test_split_matvec_exact_for_inputs_wider_than_a_row(setup):
+    """An input wider than a row goes in as two ciphertexts whose products add up: exactly x @ W."""
+    params, client, server, plans, _ = setup
+    plan, rng = plans["split_wide"], np.random.default_rng(3)
+    assert isinstance(plan, SplitMatvecPlan) and plan.n_inputs == 2
+    W, x = rng.integers(-8192, 8192, (5000, 192)), rng.integers(-8192, 8192, 5000)
+    cts = [client.encrypt(v) for v in plan.pack_rows(x[None])]
+    outs = plan.apply_all(server, plan.encode_weights(server, W), cts)
+    assert len(outs) == plan.n_tiles
+    assert np.array_equal(plan.unpack_rows([client.decrypt_centered(o) for o in outs])[0], x @ W)
     assert plan.estimate_budget(server.noise_model, server.noise_model.fresh) <= min(client.noise_budget(o) for o in outs)
 
 

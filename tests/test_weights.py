@@ -80,7 +80,7 @@ def test_llama_rope_scaling_frequencies_follow_hf():
     (GPT2Config(activation_function="relu"), "relu"),
     (LlamaConfig(hidden_act="gelu"), "'gelu'"),
     (LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic'"),
-    (LlamaConfig(intermediate_size=8192), "intermediate_size.*=8192 is too wide"),
+    (LlamaConfig(num_attention_heads=64, num_key_value_heads=64, hidden_size=8192), "num_key_value_heads x head_dim=8192 is too wide"),
 ])
 def test_unsupported_architecture_is_named(config, named):
     with pytest.raises(UnsupportedArchitectureError, match=named):

@@ -122,9 +122,11 @@ def family_for_config(config, row_size: int | None = None):
     return module
 
 
-def check_width(what: str, width: int, row_size: int):
-    """Every linear's input must fit one HE row (the matrix-vector kernel's limit today)."""
+def check_cache_width(what: str, width: int, row_size: int):
+    """A token's keys (all key/value heads) must fit one HE row: the encrypted
+    cache's layout (he/attention.py). Linear layers of any width are fine
+    (an input wider than a row is split: he/matvec.py)."""
     if width > row_size:
         raise UnsupportedArchitectureError(
-            f"{what}={width} is too wide: a linear layer's inputs must fit the HE row of {row_size} slots"
+            f"{what}={width} is too wide: a token's keys must fit the HE row of {row_size} slots"
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..mpc import ops
-from . import ModelShape, UnsupportedArchitectureError, check_width
+from . import ModelShape, UnsupportedArchitectureError, check_cache_width
 
 MODEL_TYPES = ("gpt2",)
 NORM_CENTERED = True
@@ -30,8 +30,7 @@ def check_supported(config, row_size: int) -> None:
         raise UnsupportedArchitectureError("cross-attention GPT-2 variants are not supported")
     if config.n_embd % config.n_head:
         raise UnsupportedArchitectureError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-    check_width("n_embd", config.n_embd, row_size)
-    check_width("n_inner (the MLP width)", getattr(config, "n_inner", None) or 4 * config.n_embd, row_size)
+    check_cache_width("n_embd", config.n_embd, row_size)
     if (getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True)
             or getattr(config, "reorder_and_upcast_attn", False)):
         raise UnsupportedArchitectureError("attention scaled other than by 1/sqrt(head_dim) (scale_attn_by_inverse_layer_idx, "

@@ -29,7 +29,7 @@ import torch
 
 from ..crypten_compat import import_crypten
 from ..mpc import ops
-from . import ModelShape, UnsupportedArchitectureError, check_width
+from . import ModelShape, UnsupportedArchitectureError, check_cache_width
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 NORM_CENTERED = False
@@ -70,9 +70,7 @@ def check_supported(config, row_size: int) -> None:
         raise UnsupportedArchitectureError(f"{config.num_attention_heads} attention heads do not split into {kv} key/value groups")
     if _head_dim(config) % 2:
         raise UnsupportedArchitectureError(f"head_dim={_head_dim(config)} is odd: rotary embedding needs pairs")
-    check_width("hidden_size", config.hidden_size, row_size)
-    check_width("num_attention_heads x head_dim", config.num_attention_heads * _head_dim(config), row_size)
-    check_width("intermediate_size (the MLP width)", config.intermediate_size, row_size)
+    check_cache_width("num_key_value_heads x head_dim", kv * _head_dim(config), row_size)
 
 
 def shape_from_config(config, rotary=None) -> ModelShape:

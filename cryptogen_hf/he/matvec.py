@@ -20,6 +20,13 @@ import tenseal.sealapi as sealapi
 from .diagonal import DEFAULT_COSTS, Region, WindowLayout, baby_giant_sum, best_n1, bsgs_cost, fold, fold_rotations
 
 
+def matvec_plan(d_in: int, d_out: int, params, tokens: int = 1, costs: dict | None = None):
+    """The plan for x @ W: a MatvecPlan, or a SplitMatvecPlan when d_in is wider than a row."""
+    if d_in > params.row_size:
+        return SplitMatvecPlan(d_in, d_out, params, tokens, costs)
+    return MatvecPlan(d_in, d_out, params, tokens, costs)
+
+
 class MatvecPlan:
     """Encrypted x (d_in) times plaintext W (d_in x d_out), ``tokens`` tokens per ciphertext.
 
@@ -36,6 +43,8 @@ class MatvecPlan:
     estimate includes the two conversions around the product (an input
     ciphertext, n_tiles outputs), which packing divides among the tokens.
     """
+
+    n_inputs = 1  # input ciphertexts per group of ``tokens`` tokens
 
     def __init__(self, d_in: int, d_out: int, params, tokens: int = 1, costs: dict | None = None, c: int | None = None, n1: int | None = None):
         self.d_in, self.d_out, self.tokens = d_in, d_out, tokens
@@ -152,9 +161,68 @@ class MatvecPlan:
             outs.append(fold(he, total, self.c, self.K))
         return outs
 
+    def apply_all(self, he, weights, cts) -> list:
+        """Every input ciphertext of a pass -> n_tiles outputs each, in order."""
+        return [tile for ct in cts for tile in self.apply(he, weights, ct)]
+
     def estimate_budget(self, model, b_in: float) -> float:
         b = model.after_rotate(b_in)  # baby rotation
         b = model.after_mul_plain(b)
         b = model.sum_of(b, self.K)
         b = model.after_rotate(b)  # giant rotation
         return model.after_rotate(b, fold_rotations(self.c)) - math.log2(max(self.c, 1))
+
+
+class SplitMatvecPlan:
+    """x @ W for an input wider than a row (e.g. a LLaMA MLP's down
+    projection, 8192 inputs): x is cut into ``n_parts`` equal chunks, each
+    a MatvecPlan of the same shape in its own input ciphertext, and the
+    parts' output tiles are added (their outputs sit in the same slots).
+    The interface is MatvecPlan's, with ``n_inputs`` ciphertexts per group."""
+
+    def __init__(self, d_in: int, d_out: int, params, tokens: int = 1, costs: dict | None = None):
+        self.d_in, self.d_out, self.tokens = d_in, d_out, tokens
+        self.n_inputs = -(-d_in // params.row_size)
+        self.part = MatvecPlan(-(-d_in // self.n_inputs), d_out, params, tokens, costs)
+        self.n_tiles = self.part.n_tiles
+        self.est_seconds = self.n_inputs * self.part.est_seconds
+
+    @property
+    def n_plaintexts(self) -> int:
+        return self.n_inputs * self.part.n_plaintexts
+
+    def _pad_rows(self, X) -> np.ndarray:
+        """X (n x d_in) zero-padded to n_inputs equal chunks of columns: (n_inputs, n, part d_in)."""
+        X = np.asarray(X, dtype=np.int64).reshape(-1, self.d_in)
+        padded = np.zeros((X.shape[0], self.n_inputs * self.part.d_in), dtype=np.int64)
+        padded[:, : self.d_in] = X
+        return padded.reshape(X.shape[0], self.n_inputs, self.part.d_in).transpose(1, 0, 2)
+
+    def pack_rows(self, X) -> np.ndarray:
+        """Up to ``tokens`` rows -> (n_inputs, N) slot vectors, one ciphertext each."""
+        return np.stack([self.part.pack_rows(chunk) for chunk in self._pad_rows(X)])
+
+    def unpack_rows(self, slots) -> np.ndarray:
+        return self.part.unpack_rows(slots)
+
+    def encode_weights(self, he, W) -> list:
+        W = np.asarray(W, dtype=np.int64)
+        padded = np.zeros((self.n_inputs * self.part.d_in, self.d_out), dtype=np.int64)
+        padded[: self.d_in] = W
+        return [self.part.encode_weights(he, padded[i * self.part.d_in : (i + 1) * self.part.d_in]) for i in range(self.n_inputs)]
+
+    def galois_steps(self) -> set[int]:
+        return self.part.galois_steps()
+
+    def apply_all(self, he, weights, cts) -> list:
+        outs = []
+        for g in range(0, len(cts), self.n_inputs):
+            tiles = self.part.apply(he, weights[0], cts[g])
+            for i in range(1, self.n_inputs):
+                for acc, tile in zip(tiles, self.part.apply(he, weights[i], cts[g + i])):
+                    he.evaluator.add_inplace(acc, tile)
+            outs += tiles
+        return outs
+
+    def estimate_budget(self, model, b_in: float) -> float:
+        return model.sum_of(self.part.estimate_budget(model, b_in), self.n_inputs)

@@ -51,6 +51,7 @@ import torch
 from ..crypten_compat import import_crypten
 from ..families import ModelShape, family
 from ..he import InnerKVCache, MatvecPlan, OuterAttentionPlan, OuterKVCache
+from ..he.matvec import matvec_plan
 from ..he.columns import ColumnProductPlan
 from ..he.diagonal import DEFAULT_COSTS, fold_rotations
 from ..mpc import ops
@@ -100,7 +101,7 @@ def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> 
     """The many-tokens-per-ciphertext plan with the lowest estimated time per token
     (None when no packing fits d_in)."""
     plans = [MatvecPlan(d_in, d_out, he_params, tokens=m, costs=costs) for m in PACKED_TOKENS if m <= 2 * he_params.row_size // d_in]
-    return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)
+    return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)  # none when d_in is wider than a row
 
 
 def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
@@ -109,7 +110,7 @@ def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
     diagonals on the fly (a decode plan's are encoded once, at load)."""
     t = costs or DEFAULT_COSTS
     if plan.tokens == 1:
-        return T * (plan.est_seconds + t["to_he"] + plan.n_tiles * t["from_he"])
+        return T * (plan.est_seconds + plan.n_inputs * t["to_he"] + plan.n_tiles * t["from_he"])
     return -(-T // plan.tokens) * plan.est_seconds + plan.n_plaintexts * t["encode"]
 
 
@@ -146,7 +147,7 @@ class DecoderPlans:
         self.embed_chunk = self.embed.d_in
         self.embed_chunks = -(-v // self.embed_chunk)
         self.linear_shapes = family(shape.family).linear_shapes(shape)
-        self.decode = {name: MatvecPlan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
+        self.decode = {name: matvec_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.packed = {name: packed_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.lm_head = MatvecPlan(d, v, he_params)
         # The cache holds the key/value heads (fewer than the query heads under grouped-query attention).
@@ -495,7 +496,7 @@ class SecureDecoder:
             if party.is_server:
                 enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
                 weights = enc.weights_for(party.he, plan)
-                outs = [tile for ct in cts for tile in plan.apply(party.he, weights, ct)]
+                outs = plan.apply_all(party.he, weights, cts)
                 bias = np.tile(enc.bias, T)
             else:
                 outs, bias = None, None

@@ -44,18 +44,19 @@ class MatvecIO:
 
     def __init__(self, plan, rows: int = 1):
         self.plan, self.rows = plan, rows
-        self.ciphertexts = -(-rows // plan.tokens)  # input ciphertexts
+        self.groups = -(-rows // plan.tokens)  # groups of ``tokens`` rows
+        self.ciphertexts = self.groups * plan.n_inputs  # input ciphertexts
 
     def pack_input(self, values):
         x = np.asarray(values).reshape(self.rows, self.plan.d_in)
         m = self.plan.tokens
-        return [self.plan.pack_rows(x[i * m : (i + 1) * m]) for i in range(self.ciphertexts)]
+        return [v for i in range(self.groups) for v in np.atleast_2d(self.plan.pack_rows(x[i * m : (i + 1) * m]))]
 
     def unpack_output(self, slots):
         tiles = self.plan.n_tiles
-        if len(slots) != self.ciphertexts * tiles:
-            raise ValueError(f"{len(slots)} result ciphertexts, the layout expects {self.ciphertexts * tiles}")
-        groups = [self.plan.unpack_rows(np.stack([np.asarray(s) for s in slots[i * tiles : (i + 1) * tiles]])) for i in range(self.ciphertexts)]
+        if len(slots) != self.groups * tiles:
+            raise ValueError(f"{len(slots)} result ciphertexts, the layout expects {self.groups * tiles}")
+        groups = [self.plan.unpack_rows(np.stack([np.asarray(s) for s in slots[i * tiles : (i + 1) * tiles]])) for i in range(self.groups)]
         return np.concatenate(groups)[: self.rows].reshape(-1)
 
 
