@@ -54,6 +54,23 @@ def gpt2_like_residual(rows: int, d: int, seed: int) -> torch.Tensor:
     return x
 
 
+def llama_like_residual(rows: int, d: int, seed: int) -> torch.Tensor:
+    """LLaMA-style residual rows: small early-layer rows (sd 0.05) up to sd 5,
+    a few outlier channels at +-30 in every row, and "massive activations"
+    on the first token (2000 and -1500 in two channels, ~100x its RMS
+    otherwise): the spread RMSNorm's pre-scale must cover."""
+    g = torch.Generator().manual_seed(seed)
+    sd = torch.logspace(math.log10(0.05), math.log10(5.0), rows).unsqueeze(-1)
+    x = torch.randn(rows, d, generator=g) * sd
+    x[:, [7, 300]] = torch.tensor([30.0, -30.0])
+    x[0, 11], x[0, 200] = 2000.0, -1500.0
+    return x
+
+
+def silu_grid() -> torch.Tensor:
+    return torch.linspace(-16.0, 16.0, 8001)
+
+
 # Row lengths for the max tournament: one group, ragged last groups, several levels.
 MAX_LENGTHS = (2, 3, 5, 17, 64, 511)
 
@@ -123,6 +140,8 @@ def main_program(role):
     run("ltz_exact", lambda z: ltz(z, ACTIVATION_BITS), comparison_inputs())
     run("ltz_coarse", lambda z: ltz(z, ACTIVATION_BITS, ignore_low_bits=COARSE_BITS), comparison_inputs())
     run("gelu", ops.gelu, gelu_grid())
+    run("silu", ops.silu, silu_grid())
+    run("swiglu", ops.swiglu, torch.randn(8, 2 * 64, generator=torch.Generator().manual_seed(5)) * 4.0)
     for n in (64, 512):
         run(f"softmax_decode_{n}", ops.softmax, gpt2_like_scores(12, 1, n, seed=n))
     run("softmax_causal", lambda z: ops.softmax(z, causal=True), gpt2_like_scores(4, 16, 16, seed=7))
@@ -135,6 +154,9 @@ def main_program(role):
     out["ln_scale"] = scale
     run("layer_norm", lambda z: ops.layer_norm(z, eps=1e-5, pre_scale=scale), x)
     run("layer_norm_n01", lambda z: ops.layer_norm(z, eps=1e-5), torch.randn(4, 192, generator=g))
+    x = llama_like_residual(16, 576, seed=1)
+    scale = ops.calibrate_pre_scale(x, centered=False)
+    run("rms_norm", lambda z: ops.layer_norm(z, eps=1e-5, pre_scale=scale, centered=False), x)
     # Sampling inside MPC: the jointly random u and the drawn index, opened here
     # (to both, for the test) so the test can redo the draw in the clear.
     draws = []
@@ -398,6 +420,35 @@ def test_gelu_accuracy_dense_grid(run):
     x = gelu_grid()
     err = (run["server"]["gelu"] - gelu_reference(x)).abs().max().item()
     assert err <= 2e-3, err
+
+
+def test_silu_accuracy_dense_grid(run):
+    """Inside the cut (polynomial), past it (x or 0) and around it (the coarse comparison)."""
+    from cryptogen_hf.mpc.ops import silu_reference
+
+    diff = (run["server"]["silu"] - silu_reference(silu_grid())).abs()
+    assert diff.max().item() <= 2e-3, (diff.max().item(), silu_grid()[diff.argmax()].item())
+
+
+def test_swiglu_is_silu_of_gate_times_up(run):
+    from cryptogen_hf.mpc.ops import silu_reference
+
+    gate_up = torch.randn(8, 2 * 64, generator=torch.Generator().manual_seed(5)) * 4.0
+    ref = silu_reference(gate_up[:, :64]) * gate_up[:, 64:]
+    err = (run["server"]["swiglu"] - ref).abs().max().item()
+    assert err <= 2e-3 * gate_up.abs().max().item(), err
+
+
+def test_rms_norm_with_massive_activations(run):
+    """RMSNorm (LLaMA) on rows from sd 0.05 to a first token with 2000-sized
+    channels, with the public pre-scale calibrated on such rows: every row
+    within 1 % (relative L2), elementwise within 1 % of the output's scale."""
+    x = llama_like_residual(16, 576, seed=1)
+    ref = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5)
+    got = run["server"]["rms_norm"]
+    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert rel <= 1e-2, rel
+    assert (got - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("n", [64, 512])

@@ -254,12 +254,12 @@ def softmax(x, dim: int = -1, causal: bool = False, exp_iterations: int = 8, nr_
 # silu: E = x sigmoid(x) - x/2 = (x/2) tanh(x/2). Outside [-cut, cut] the
 # function is x (x > cut) or 0 (x < -cut) up to the tail error; inside, E is
 # an even Chebyshev polynomial of the given degree in u = 2 x^2 / cut^2 - 1.
-# Max abs error (fit + tail, float64): gelu 3.5 / 6: 1e-3; silu 10 / 12:
-# 5.5e-4 + 4.5e-4 (silu(-10) = -4.5e-4; a cut of 8 would leave 2.7e-3).
+# Max abs error (fit + tail, float64): gelu 3.5 / 6: 1e-3; silu 11 / 16:
+# 1.1e-4 + 1.8e-4 (silu(-11) = -1.8e-4; a cut of 8 would leave 2.7e-3).
 GELU_CUT = 3.5
 GELU_DEGREE = 6  # (degree 12 in x)
-SILU_CUT = 10.0
-SILU_DEGREE = 12  # one multiplication round more than degree 8
+SILU_CUT = 11.0
+SILU_DEGREE = 16  # the rounds of degree 9..16 are the same: 4 levels of products
 # The cut comparisons may misread x within 2**-5 past the cut (compare.py):
 # there the polynomial, extrapolated, is off by at most 8e-4 for gelu (1.5e-3 for 2**-4).
 ACTIVATION_SLACK_BITS = 11
