@@ -13,8 +13,10 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The small GPT-2 that ships with the package (made by scripts/train_small_model.py).
+# The small models that ship with the package (made by scripts/train_small_model.py):
+# a GPT-2 (the demo's) and a LLaMA-architecture model with the same tokenizer.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gpt2"
+SHIPPED_LLAMA_DIR = Path(__file__).parent / "models" / "tiny-llama"
 
 
 def __getattr__(name):

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli_common import CLIError, add_settings_arguments, local_model_dir, positive_int, settings_from_args
+from .families import family_for_config
 from .protocol import credentials, transport
 
 
@@ -85,18 +86,36 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 4) for k in after}
 
 
-def random_gpt2_checkpoint(folder: Path, n_layer: int, vocab_size: int, width: int = 768, heads: int = 12, context: int = 1024) -> Path:
-    """A GPT-2 of the given shape with random weights (seeded), made once and reused.
+# Published shapes to time with random weights (--shape): the config class and
+# its keyword arguments other than depth and vocabulary. The LLaMA-family
+# shapes are those of SmolLM-135M and Llama-3.2-1B (grouped-query attention;
+# Llama-3.2-1B's llama3 rotary scaling; its MLP of 8192 is wider than a HE row).
+BENCH_SHAPES = {
+    "gpt2-base": ("GPT2Config", dict(n_embd=768, n_head=12, n_positions=1024)),
+    "smollm-135m": ("LlamaConfig", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                                        max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True)),
+    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+
+
+def random_checkpoint(folder: Path, shape: str, n_layer: int, vocab_size: int) -> Path:
+    """A model of a published shape (BENCH_SHAPES) with random weights
+    (seeded), ``n_layer`` blocks and the given vocabulary, made once and reused.
 
     Timing needs the shape, not trained weights; nothing is downloaded."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
-    path = folder / f"gpt2-d{width}-L{n_layer}-V{vocab_size}"
+    config_class, kwargs = BENCH_SHAPES[shape]
+    path = folder / f"{shape}-L{n_layer}-V{vocab_size}"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=n_layer, n_embd=width, n_head=heads, n_positions=context, vocab_size=vocab_size,
-                            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-        GPT2LMHeadModel(config).eval().save_pretrained(path)
+        depth = {"n_layer": n_layer} if config_class == "GPT2Config" else {"num_hidden_layers": n_layer}
+        config = getattr(transformers, config_class)(**kwargs, **depth, vocab_size=vocab_size,
+                                                     bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+        transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
     return path
 
 
@@ -363,11 +382,11 @@ def run_prefill(args, model, model_dir: Path, settings, crypten, setup_s: float)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import SHIPPED_MODEL_DIR
 
-    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="GPT-2 checkpoint folder (default: the shipped model)")
-    parser.add_argument("--gpt2-base-shape", action="store_true",
-                        help="time a GPT-2-base-wide model with random weights (d=768, 12 heads) instead of --model")
-    parser.add_argument("--layers", type=positive_int, default=12, help="with --gpt2-base-shape: blocks (1 = one block)")
-    parser.add_argument("--vocab", type=positive_int, default=50257, help="with --gpt2-base-shape: vocabulary size")
+    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="checkpoint folder (default: the shipped GPT-2)")
+    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES),
+                        help="time a model of this published shape with random weights instead of --model")
+    parser.add_argument("--layers", type=positive_int, default=12, help="with --shape: blocks (1 = one block)")
+    parser.add_argument("--vocab", type=positive_int, default=50257, help="with --shape: vocabulary size")
     parser.add_argument("--fill", action="store_true",
                         help="fill the cache with random encryptions instead of a secure prefill (long contexts)")
     parser.add_argument("--recompute-contexts", type=positive_int, nargs="*", default=None,
@@ -396,11 +415,13 @@ def run(args) -> int:
     from .crypten_compat import import_crypten
     from .hf.modeling import CryptoGenForCausalLM
 
-    if args.gpt2_base_shape:
-        model_dir = random_gpt2_checkpoint((Path(args.out).parent if args.out else Path("results")) / ".bench_models", args.layers, args.vocab)
+    if args.shape:
+        model_dir = random_checkpoint((Path(args.out).parent if args.out else Path("results")) / ".bench_models", args.shape,
+                                      args.layers, args.vocab)
     else:
         model_dir = local_model_dir(args.model)
-    context_limit = AutoConfig.from_pretrained(model_dir).n_positions
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    context_limit = family_for_config(hf_config).shape_from_config(hf_config).n_positions
     if args.prefill:
         for length in args.lengths:
             if not 2 <= length <= context_limit - 1:
@@ -427,6 +448,7 @@ def run(args) -> int:
                                         args.recompute_token_by_token))
             tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "decode_s_per_token", "recompute_s_per_token") if k in rows[-1]}))
         cipher = model.session.channel.sock.cipher()
+        shape = model.session.shape.to_dict()
     finally:
         model.close()
     tls = tls_cost()
@@ -434,7 +456,7 @@ def run(args) -> int:
         r["tls_s_per_token_estimate"] = round(tls["tls_extra_s_per_mib"] * r["channel_bytes_per_token"] / 2**20, 3)
     result = {
         "model": str(model_dir),
-        "shape": model.config.to_dict() if hasattr(model.config, "to_dict") else {},
+        "shape": shape,
         "dealer": settings.mpc.dealer,
         "trust_model": TRUST_MODELS[settings.mpc.dealer],
         "session_setup_s": round(setup_s, 2),
