@@ -25,11 +25,10 @@ from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 # among allowed tokens is >= 0.1 at every step (other natural prompts have gaps of
 # 0.002-0.03, e.g. "After the war , the", where identical tokens would be luck at our
 # logit error of ~0.03).
+# Two of them run here (one per client process); "The city was" and "The team won" qualify too.
 PROMPTS = [
     "The history of the city",
     "He was born in",
-    "The city was",
-    "The team won",
 ]
 NEW_TOKENS = 3
 
@@ -94,7 +93,7 @@ def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
     return results
 
 
-@pytest.mark.timeout(1800)  # 4 prompts x 3 tokens at seconds per token
+@pytest.mark.timeout(1800)  # 2 prompts x 3 tokens at seconds per token
 def test_greedy_generation_is_token_identical_to_plaintext(shipped_plain):
     # Two concurrent client processes, each with its own session (own keys,
     # own server worker), prompts split between them.

@@ -312,6 +312,20 @@ class EncodedDecoder:
         return 2 + shape.n_layer * len(family(shape.family).linear_shapes(shape))
 
 
+@dataclass
+class LayerCache:
+    """One layer's encrypted keys and values at the server: the prompt of the
+    conversation's first pass when it is stored outer, and the inner blocks
+    of every other token (DESIGN section 5)."""
+
+    inner: InnerKVCache
+    outer: OuterKVCache | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + (self.outer.nbytes if self.outer is not None else 0)
+
+
 class SecureDecoder:
     """One party's side of the secure protocol for a decoder of any family (``families``).
 
@@ -319,8 +333,7 @@ class SecureDecoder:
     prompt of the first pass, kept in the outer layout when ``policy`` says
     so (``outer``: the shape-only OuterPart both parties track), and every
     later token in the inner layout. Server: ``encoded`` is an EncodedDecoder,
-    ``caches`` holds one InnerKVCache per layer and ``outer_caches`` one
-    OuterKVCache per layer (or None). Client: ``encoded`` is None and only
+    ``caches`` holds one LayerCache per layer. Client: ``encoded`` is None and only
     token counts are tracked.
     """
 
@@ -364,10 +377,9 @@ class SecureDecoder:
         self.n_tokens = 0
         self.outer = None  # OuterPart of the prompt when it is stored outer
         if self.party.is_server:
-            self.caches = [self._empty_inner() for _ in range(self.shape.n_layer)]
-            self.outer_caches = [None] * self.shape.n_layer
+            self.caches = [LayerCache(self._empty_inner()) for _ in range(self.shape.n_layer)]
         else:
-            self.caches = self.outer_caches = None
+            self.caches = None
 
     def _empty_inner(self) -> InnerKVCache:
         he = self.party.he
@@ -381,7 +393,7 @@ class SecureDecoder:
     def cache_nbytes(self) -> int:
         if not self.caches:
             return 0
-        return sum(c.nbytes for c in self.caches) + sum(c.nbytes for c in self.outer_caches if c is not None)
+        return sum(c.nbytes for c in self.caches)
 
     # ------------------------------------------------------------------ steps
     def step(self, token_ids, logits_for: list[bool], packed: bool = True):
@@ -530,9 +542,9 @@ class SecureDecoder:
         if party.is_server:
             k_cts, v_cts = kv_io.split(cts)
             if store_outer is not None:
-                self.outer_caches[layer] = OuterKVCache(store_outer, k_cts, v_cts, party.he.noise_model.fresh)
+                self.caches[layer].outer = OuterKVCache(store_outer, k_cts, v_cts, party.he.noise_model.fresh)
             else:
-                self.caches[layer].load_blocks(k_cts, v_cts, T)
+                self.caches[layer].inner.load_blocks(k_cts, v_cts, T)
         q = qkv[:, :d].reshape(T, shape.n_head, dh).permute(1, 0, 2)  # (head, T, dh)
         # Each key/value head serves kv_groups consecutive query heads (HF's repeat_kv), free on shares.
         group_of = torch.arange(shape.n_head) // shape.kv_groups
@@ -576,12 +588,12 @@ class SecureDecoder:
                 he, cts = party.he, qkv_io.split(cts)
                 cache = self.caches[layer]
                 for k_ct, v_ct in zip(cts["k"], cts["v"]):
-                    cache.append(he, k_ct, v_ct)
+                    cache.inner.append(he, k_ct, v_ct)
                 score_cts = []
                 for i, q_ct in enumerate(cts["q"]):
                     if outer is not None:
-                        score_cts.append(outer.plan.scores(he, self.outer_caches[layer], cts["q_outer"][i]))
-                    score_cts.extend(cache.scores(he, q_ct))
+                        score_cts.append(outer.plan.scores(he, cache.outer, cts["q_outer"][i]))
+                    score_cts.extend(cache.inner.scores(he, q_ct))
             else:
                 score_cts = None
         with self.timed("from_he"):
@@ -598,13 +610,14 @@ class SecureDecoder:
             if party.is_server:
                 per_row = len(prob_cts) // rows
                 row_cts = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(rows)]
-                out_cts = [self.caches[layer].attend(party.he, row[outer is not None :]) for row in row_cts]
+                cache = self.caches[layer]
+                out_cts = [cache.inner.attend(party.he, row[outer is not None :]) for row in row_cts]
                 if outer is not None:
-                    out_cts += [outer.plan.attend(party.he, self.outer_caches[layer], row[0]) for row in row_cts]
+                    out_cts += [outer.plan.attend(party.he, cache.outer, row[0]) for row in row_cts]
                 if store_outer is not None:
                     fresh = party.he.noise_model.fresh
-                    self.outer_caches[layer] = OuterKVCache(store_outer, cts["k_diag"], cts["v_diag"], fresh)
-                    self.caches[layer] = self._empty_inner()
+                    cache.outer = OuterKVCache(store_outer, cts["k_diag"], cts["v_diag"], fresh)
+                    cache.inner = self._empty_inner()
             else:
                 out_cts = None
         with self.timed("from_he"):
@@ -660,10 +673,10 @@ class SecureDecoder:
                 cts = [he.load_ct(b) for b in blobs[layer * per_layer : (layer + 1) * per_layer]]
                 if outer is not None:
                     k_diag, v_diag = unpack_outer_kv(outer, cts)
-                    self.outer_caches[layer] = OuterKVCache(outer, k_diag, v_diag, he.noise_model.fresh)
+                    self.caches[layer].outer = OuterKVCache(outer, k_diag, v_diag, he.noise_model.fresh)
                 else:
                     half = len(cts) // 2
-                    self.caches[layer].load_blocks(cts[:half], cts[half:], n_tokens)
+                    self.caches[layer].inner.load_blocks(cts[:half], cts[half:], n_tokens)
         if outer is not None:
             self.outer = OuterPart(outer)
         self.n_tokens = n_tokens
@@ -675,7 +688,7 @@ class SecureDecoder:
         every pass, usually an empty list) and both run the masked round trip."""
         party = self.party
         if party.is_server:
-            plan = [(layer, b) for layer, cache in enumerate(self.caches) for b in cache.blocks_needing_refresh()]
+            plan = [(layer, b) for layer, cache in enumerate(self.caches) for b in cache.inner.blocks_needing_refresh()]
             party.channel.send("step.refresh_plan", json.dumps(plan).encode())
         else:
             plan = [tuple(x) for x in json.loads(party.channel.recv_payload("step.refresh_plan"))]
@@ -707,7 +720,7 @@ class SecureDecoder:
         if party.is_server:
             masks, blobs = [], []
             for layer, b in blocks:
-                cache = self.caches[layer]
+                cache = self.caches[layer].inner
                 for ct in (cache.k_cts[b], cache.v_cts[b]):
                     r = uniform_mod(he.p, he.slot_count)
                     masks.append(r)
@@ -723,7 +736,7 @@ class SecureDecoder:
                 v_mask[drop] = 0
                 k = he.sub_plain(he.load_ct(fresh[2 * i]), k_mask)
                 v = he.sub_plain(he.load_ct(fresh[2 * i + 1]), v_mask)
-                self.caches[layer].replace_block(b, k, v)
+                self.caches[layer].inner.replace_block(b, k, v)
         else:
             blobs = unpack_blobs(party.channel.recv_payload("refresh.masked"))
             out = []
@@ -753,7 +766,8 @@ class SecureDecoder:
         if n_tokens <= n_outer:
             self.outer.n_tokens = n_tokens
             if self.party.is_server:
-                self.caches = [self._empty_inner() for _ in range(self.shape.n_layer)]
+                for cache in self.caches:
+                    cache.inner = self._empty_inner()
         else:
             keep = n_tokens - n_outer  # inner tokens kept
             B = self.plans.cache_layout.B
@@ -761,7 +775,7 @@ class SecureDecoder:
                 self._masked_round_trip([(layer, keep // B) for layer in range(self.shape.n_layer)], keep_tokens=keep)
             if self.party.is_server:
                 for cache in self.caches:
-                    cache.truncate(keep)
+                    cache.inner.truncate(keep)
         self.n_tokens = n_tokens
 
     # --------------------------------------------------------------- reveal
