@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cryptogen_hf import SHIPPED_MODEL_DIR
 from cryptogen_hf.cli import main
@@ -138,13 +138,16 @@ def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
 
 def test_bench_writes_json_and_plot(tmp_path):
     torch.manual_seed(0)  # as tests/test_sessions.py: bench needs no tokenizer, and a small vocabulary is quicker
-    model_dir = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(model_dir)
+    # Latency against context on a LLaMA-architecture model (grouped-query attention).
+    llama_dir = tmp_path / "tiny-llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64, vocab_size=300)).save_pretrained(llama_dir)
     out = tmp_path / "bench.json"
-    result = cryptogen("bench", "--model", model_dir, "--contexts", 6, "--decode-tokens", 1,
+    result = cryptogen("bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1,
                        "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["shape"]["family"] == "llama" and report["shape"]["n_kv_head"] == 2
     assert report["dealer"] == "none" and [r["context"] for r in report["rows"]] == [6]
     for row in report["rows"]:
         assert row["decode_s_per_token"] > 0 and row["recompute_s_per_token"] > 0
@@ -152,6 +155,8 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
     # --prefill: time to first token, packed and token by token, at each length, one run.
+    model_dir = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(model_dir)
     out = tmp_path / "prefill.json"
     result = cryptogen("bench", "--model", model_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7, "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
