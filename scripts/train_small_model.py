@@ -36,6 +36,7 @@ import os
 import random
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -354,11 +355,13 @@ on; it is not a good language model."""
     grouping = ("no grouping: one key/value head per query head" if args.n_kv_head == args.n_head
                 else f"grouped-query attention, {args.n_head // args.n_kv_head} query heads per key/value head")
     gqa = ", grouped-query attention" if args.n_kv_head < args.n_head else ""
-    intro = f"""A small LLaMA-architecture model (`LlamaForCausalLM`) with
-{tokenizer}, trained from scratch on CPU by
-`scripts/train_small_model.py`. It exists so the project has a real,
-self-contained HuggingFace model of the LLaMA family (RoPE, RMSNorm, SwiGLU
-MLP{gqa}, no biases) beside tiny-gpt2; it is not a good language model."""
+    # Filled to 78 columns: the tokenizer path makes the line lengths vary.
+    intro = textwrap.fill(
+        f"A small LLaMA-architecture model (`LlamaForCausalLM`) with {tokenizer}, trained "
+        f"from scratch on CPU by `scripts/train_small_model.py`. It exists so the project "
+        f"has a real, self-contained HuggingFace model of the LLaMA family (RoPE, RMSNorm, "
+        f"SwiGLU MLP{gqa}, no biases) beside tiny-gpt2; it is not a good language model.",
+        width=78, break_long_words=False, break_on_hyphens=False)
     rows = f"""| num_hidden_layers | {args.n_layer} |
 | hidden_size | {args.n_embd} |
 | num_attention_heads | {args.n_head} (head dim {args.n_embd // args.n_head}) |
