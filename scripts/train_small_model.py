@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Train the small GPT-2 that ships with cryptogen_hf (cryptogen_hf/models/tiny-gpt2).
+"""Train the small models that ship with cryptogen_hf: a GPT-2
+(cryptogen_hf/models/tiny-gpt2, --arch gpt2, the default) or a LLaMA-architecture
+model (cryptogen_hf/models/tiny-llama, --arch llama).
 
 What it does, in order:
   1. reads the training text (WikiText-2 valid.txt + Tiny Shakespeare input.txt;
      never a test split) and holds out the last --val-fraction of EACH file as a
      validation split, so that validation covers both domains;
   2. trains a byte-level BPE tokenizer (GPT-2 style, one special token
-     <|endoftext|> used as bos/eos/unk) on the training part only;
-  3. trains a GPT2LMHeadModel (4 layers, width 192, 4 heads, context 512) with
+     <|endoftext|> used as bos/eos/unk) on the training part only, or, with
+     --tokenizer, reuses the tokenizer of an existing checkpoint folder so that
+     two models share token ids;
+  3. trains a GPT2LMHeadModel (4 layers, width 192, 4 heads, context 512) or a
+     LlamaForCausalLM (RoPE, RMSNorm, SwiGLU MLP, optional grouped-query attention) with
      AdamW, linear warmup + cosine decay, on random contiguous chunks of the
      token stream, under a budget of --steps or --max-minutes, whichever runs
      out first (the cosine follows whichever budget is further along, so a
@@ -19,6 +24,8 @@ Everything is local: no downloads. Example (the command that made the shipped
 checkpoint is recorded in its README.md):
 
     python scripts/train_small_model.py
+    python scripts/train_small_model.py --arch llama --tokenizer cryptogen_hf/models/tiny-gpt2 \
+        --n-layer 4 --n-embd 192 --n-head 4 --n-kv-head 2 --intermediate-size 512
     python scripts/train_small_model.py --steps 50 --out /tmp/tiny   # smoke test
 """
 
@@ -29,6 +36,7 @@ import os
 import random
 import shlex
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,7 +44,7 @@ import numpy as np
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from tqdm import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -44,7 +52,10 @@ DEFAULT_TRAIN_FILES = [
     DATA / "wikitext-2" / "valid.txt",
     DATA / "tinyshakespeare" / "input.txt",
 ]
-DEFAULT_OUT = REPO / "cryptogen_hf" / "models" / "tiny-gpt2"
+DEFAULT_OUT = {
+    "gpt2": REPO / "cryptogen_hf" / "models" / "tiny-gpt2",
+    "llama": REPO / "cryptogen_hf" / "models" / "tiny-llama",
+}
 EOT = "<|endoftext|>"
 
 
@@ -52,20 +63,36 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_TRAIN_FILES,
                    help="training text files (default: WikiText-2 valid.txt and Tiny Shakespeare input.txt)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory for the HF checkpoint")
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2",
+                   help="model architecture: GPT2LMHeadModel or LlamaForCausalLM")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory for the HF checkpoint (default: cryptogen_hf/models/tiny-gpt2 "
+                        "or cryptogen_hf/models/tiny-llama, by --arch)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val-fraction", type=float, default=0.02,
                    help="fraction held out from the END of each file for validation")
     # tokenizer
-    p.add_argument("--vocab-size", type=int, default=4096)
-    # model (GPT-2 architecture, scaled down)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocab to fit (ignored with --tokenizer)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="checkpoint folder whose tokenizer to reuse instead of fitting one "
+                        "(e.g. cryptogen_hf/models/tiny-gpt2); vocab_size is taken from it")
+    # model (GPT-2 or LLaMA architecture, scaled down). The GPT-2 names are kept
+    # for both; for llama they map to hidden_size, num_hidden_layers,
+    # num_attention_heads and max_position_embeddings.
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=192)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-positions", type=int, default=512)
+    p.add_argument("--n-kv-head", type=int, default=None,
+                   help="llama only: key/value heads (grouped-query attention; default --n-head, i.e. none)")
+    # GPT-2's MLP is 4 * n_embd wide with two matrices; the SwiGLU MLP has three,
+    # so LLaMA uses ~8/3 * n_embd to keep the same parameter count.
+    p.add_argument("--intermediate-size", type=int, default=None,
+                   help="llama only: MLP width (default 8/3 * --n-embd, rounded up to a multiple of 64)")
     # GPT-2 uses 0.1; the default budget sees only ~5 epochs, a compute-limited
     # regime where dropout costs more loss than it saves.
-    p.add_argument("--dropout", type=float, default=0.0, help="resid/embd/attn dropout")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="gpt2: resid/embd/attn dropout; llama: attention dropout (LLaMA has no other)")
     # optimisation
     p.add_argument("--block-size", type=int, default=256, help="tokens per training chunk")
     p.add_argument("--batch-size", type=int, default=16, help="chunks per step")
@@ -84,7 +111,25 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation passes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+
+    # Check the architecture options here, before minutes of tokenizing and training.
+    if args.arch == "gpt2":
+        for name in ("n_kv_head", "intermediate_size"):
+            if getattr(args, name) is not None:
+                p.error(f"--{name.replace('_', '-')} applies to --arch llama only")
+    else:
+        if args.n_kv_head is None:
+            args.n_kv_head = args.n_head
+        if args.intermediate_size is None:
+            args.intermediate_size = math.ceil(8 * args.n_embd / 3 / 64) * 64
+        if args.n_head % args.n_kv_head != 0:
+            p.error(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
+    if args.n_embd % args.n_head != 0:
+        p.error(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    if args.out is None:
+        args.out = DEFAULT_OUT[args.arch]
+    return args
 
 
 def seed_everything(seed):
@@ -132,6 +177,63 @@ def wrap_tokenizer(tok, model_max_length):
     )
 
 
+def load_tokenizer(folder, model_max_length):
+    """The tokenizer of an existing checkpoint folder, reused unchanged.
+
+    Both shipped models read the same token ids this way, so one prompt encodes
+    the same for either. Only model_max_length follows this run's --n-positions.
+    """
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    if EOT not in hf_tok.get_vocab():
+        sys.exit(f"{folder}: the tokenizer has no {EOT} token, which this script uses as bos/eos")
+    hf_tok.model_max_length = model_max_length
+    return hf_tok
+
+
+def build_model(args, vocab_size, eot_id):
+    """A freshly initialised GPT2LMHeadModel or LlamaForCausalLM, by --arch."""
+    if args.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=args.n_positions,
+            n_embd=args.n_embd,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=args.dropout,
+            embd_pdrop=args.dropout,
+            attn_pdrop=args.dropout,
+            bos_token_id=eot_id,
+            eos_token_id=eot_id,
+            tie_word_embeddings=True,
+        )
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.n_embd,
+        num_hidden_layers=args.n_layer,
+        num_attention_heads=args.n_head,
+        num_key_value_heads=args.n_kv_head,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=args.n_positions,
+        # rope_theta as a plain keyword: transformers 5 stores it in
+        # rope_parameters, 4.x as rope_theta; 10000 is also 4.x's default, so
+        # either version reads the saved config the same way.
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=args.dropout,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        # Tied as in tiny-gpt2: at this size an untied head would add 0.8 M
+        # parameters (a third of the model) for little gain.
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
 def fix_tokenizer_files(out):
     """Make the saved tokenizer files loadable by older transformers too.
 
@@ -142,6 +244,11 @@ def fix_tokenizer_files(out):
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # A tokenizer loaded with from_pretrained (--tokenizer) keeps these load-time
+    # options in its init kwargs and save_pretrained writes them out; they
+    # describe that one load, not the tokenizer, so leave them out.
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token") if k in cfg}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -221,15 +328,85 @@ def param_count(model):
     return n
 
 
+def display_path(path):
+    """path relative to the repository when it lies inside it (as the cards show paths), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def model_card_parts(args, info):
+    """The parts of the model card that differ by architecture: (intro, model table rows)."""
+    tokenizer = ("its own byte-level BPE tokenizer" if info["tokenizer_source"] is None
+                 else f"the tokenizer of `{info['tokenizer_source']}`")
+    if args.arch == "gpt2":
+        intro = f"""A small GPT-2 (`GPT2LMHeadModel`) with {tokenizer}, trained
+from scratch on CPU by `scripts/train_small_model.py`. It exists so the secure
+text-generation backend has a real, self-contained HuggingFace model to run
+on; it is not a good language model."""
+        rows = f"""| n_layer | {args.n_layer} |
+| n_embd | {args.n_embd} |
+| n_head | {args.n_head} |
+| n_positions | {args.n_positions} |
+| vocab_size | {info['vocab_size']} |
+| activation | gelu_new |
+| tied input/output embeddings | yes |
+| dropout (resid/embd/attn) | {args.dropout} |"""
+        return intro, rows
+    grouping = ("no grouping: one key/value head per query head" if args.n_kv_head == args.n_head
+                else f"grouped-query attention, {args.n_head // args.n_kv_head} query heads per key/value head")
+    gqa = ", grouped-query attention" if args.n_kv_head < args.n_head else ""
+    # Filled to 78 columns: the tokenizer path makes the line lengths vary.
+    intro = textwrap.fill(
+        f"A small LLaMA-architecture model (`LlamaForCausalLM`) with {tokenizer}, trained "
+        f"from scratch on CPU by `scripts/train_small_model.py`. It exists so the project "
+        f"has a real, self-contained HuggingFace model of the LLaMA family (RoPE, RMSNorm, "
+        f"SwiGLU MLP{gqa}, no biases) beside tiny-gpt2; it is not a good language model.",
+        width=78, break_long_words=False, break_on_hyphens=False)
+    rows = f"""| num_hidden_layers | {args.n_layer} |
+| hidden_size | {args.n_embd} |
+| num_attention_heads | {args.n_head} (head dim {args.n_embd // args.n_head}) |
+| num_key_value_heads | {args.n_kv_head} ({grouping}) |
+| intermediate_size | {args.intermediate_size} (SwiGLU: gate, up and down projections) |
+| max_position_embeddings | {args.n_positions} |
+| position encoding | RoPE, theta 10000 |
+| normalization | RMSNorm (pre-norm), eps 1e-5 |
+| activation | silu |
+| biases | none (attention_bias, mlp_bias false) |
+| vocab_size | {info['vocab_size']} |
+| tied input/output embeddings | yes |
+| attention dropout | {args.dropout} |"""
+    return intro, rows
+
+
 def write_model_card(out, args, info):
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     data_lines = "\n".join(f"- `{d}`" for d in info["data_files"])
-    card = f"""# tiny-gpt2 (cryptogen_hf shipped model)
+    intro, model_rows = model_card_parts(args, info)
+    if info["tokenizer_source"] is None:
+        fitting = "training or tokenizer fitting"
+        tokenizer_section = f"""Byte-level BPE (`tokenizers`), vocab {info['vocab_size']}, GPT-2 style: no prefix
+space, one special token `<|endoftext|>` (id {info['eot_id']}) used as bos/eos/unk,
+no pad token. Saved as a `PreTrainedTokenizerFast`; `decode(encode(s)) == s`."""
+    else:
+        fitting = "training"
+        tokenizer_section = f"""Reused unchanged from `{info['tokenizer_source']}` (not refit here; see that
+folder's card for how it was made), so both models read the same token ids.
+Vocab {info['vocab_size']}; `<|endoftext|>` (id {info['eot_id']}) is bos/eos. Saved here as a
+`PreTrainedTokenizerFast` with the model, so the folder is self-contained."""
+    # The default tiny-gpt2 folder is the one the package exports (SHIPPED_MODEL_DIR,
+    # also eval's default model); name any other folder by its path.
+    if out.resolve() == DEFAULT_OUT["gpt2"]:
+        use = """import cryptogen_hf
+tok = AutoTokenizer.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)
+model = AutoModelForCausalLM.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)"""
+        eval_model = ""
+    else:
+        use = f"""tok = AutoTokenizer.from_pretrained("{display_path(out)}")
+model = AutoModelForCausalLM.from_pretrained("{display_path(out)}")"""
+        eval_model = f" --model {shlex.quote(display_path(out))}"
+    card = f"""# {out.name} (cryptogen_hf shipped model)
 
-A small GPT-2 (`GPT2LMHeadModel`) with its own byte-level BPE tokenizer, trained
-from scratch on CPU by `scripts/train_small_model.py`. It exists so the secure
-text-generation backend has a real, self-contained HuggingFace model to run
-on; it is not a good language model.
+{intro}
 
 ## Data
 
@@ -238,7 +415,7 @@ Training text (the last {args.val_fraction:.0%} of each file held out for valida
 {data_lines}
 
 WikiText-2 is the PyTorch word-language-model version (`<unk>` for rare words,
-` @-@ ` for hyphens). No test split was used for training or tokenizer fitting.
+` @-@ ` for hyphens). No test split was used for {fitting}.
 Train tokens: {info['n_train_tokens']:,}; validation tokens: {info['n_val_tokens']:,}
 (documents joined with `<|endoftext|>`). The model learns the `<unk>`
 placeholder as text; `generation_config.json` bans the tokens that open it
@@ -246,22 +423,13 @@ placeholder as text; `generation_config.json` bans the tokens that open it
 
 ## Tokenizer
 
-Byte-level BPE (`tokenizers`), vocab {info['vocab_size']}, GPT-2 style: no prefix
-space, one special token `<|endoftext|>` (id {info['eot_id']}) used as bos/eos/unk,
-no pad token. Saved as a `PreTrainedTokenizerFast`; `decode(encode(s)) == s`.
+{tokenizer_section}
 
 ## Model
 
 | hyper-parameter | value |
 |---|---|
-| n_layer | {args.n_layer} |
-| n_embd | {args.n_embd} |
-| n_head | {args.n_head} |
-| n_positions | {args.n_positions} |
-| vocab_size | {info['vocab_size']} |
-| activation | gelu_new |
-| tied input/output embeddings | yes |
-| dropout (resid/embd/attn) | {args.dropout} |
+{model_rows}
 | parameters (unique) | {info['n_params']:,} |
 | weights dtype | float32 |
 
@@ -304,12 +472,10 @@ not bit-reproducible. `--max-minutes 0 --steps N` gives a pure step budget.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import cryptogen_hf
-tok = AutoTokenizer.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)
-model = AutoModelForCausalLM.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)
+{use}
 ```
 
-Perplexity: `python scripts/eval_ppl.py --data <path>/wikitext-2/test.txt`.
+Perplexity: `python scripts/eval_ppl.py{eval_model} --data <path>/wikitext-2/test.txt`.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
 
@@ -326,38 +492,29 @@ def main(argv=None):
     # 1. data and split
     train_texts, val_texts = read_and_split(args.data, args.val_fraction)
 
-    # 2. tokenizer (fit on the training part only)
+    # 2. tokenizer (fit on the training part only, or reused from --tokenizer)
     t0 = time.time()
-    bpe = train_tokenizer(train_texts, args.vocab_size)
-    hf_tok = wrap_tokenizer(bpe, args.n_positions)
+    if args.tokenizer is not None:
+        hf_tok = load_tokenizer(args.tokenizer, args.n_positions)
+        how = f"loaded from {args.tokenizer}"
+    else:
+        bpe = train_tokenizer(train_texts, args.vocab_size)
+        hf_tok = wrap_tokenizer(bpe, args.n_positions)
+        how = "trained"
     vocab_size = len(hf_tok)
     eot_id = hf_tok.convert_tokens_to_ids(EOT)
     train_ids = encode_texts(hf_tok, train_texts)
     val_ids = encode_texts(hf_tok, val_texts)
-    print(f"tokenizer: vocab {vocab_size}, trained in {time.time() - t0:.1f}s; "
+    print(f"tokenizer: vocab {vocab_size}, {how} in {time.time() - t0:.1f}s; "
           f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
 
     # 3. model
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=args.n_positions,
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        activation_function="gelu_new",
-        resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout,
-        attn_pdrop=args.dropout,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        tie_word_embeddings=True,
-    )
-    model = GPT2LMHeadModel(config)
+    model = build_model(args, vocab_size, eot_id)
     model.train()
     n_params = param_count(model)
-    print(f"model: {n_params:,} parameters")
+    print(f"model: {args.arch}, {n_params:,} parameters")
 
-    # Weight decay only on matrices (not biases, LayerNorm gains), the usual GPT recipe.
+    # Weight decay only on matrices (not biases, LayerNorm/RMSNorm gains), the usual GPT recipe.
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if id(p) in seen:
@@ -423,6 +580,9 @@ def main(argv=None):
     hf_tok.save_pretrained(args.out)
     fix_tokenizer_files(args.out)
     info = {
+        "arch": args.arch,
+        "model_class": type(model).__name__,
+        "tokenizer_source": display_path(args.tokenizer) if args.tokenizer is not None else None,
         "data_files": [os.path.relpath(Path(f).resolve(), REPO.parent) for f in args.data],
         "n_train_tokens": len(train_ids),
         "n_val_tokens": len(val_ids),
