@@ -82,9 +82,10 @@ def test_greedy_generation_is_token_identical_to_plaintext(secure, plain, tokeni
 def test_secure_perplexity_within_one_percent_on_a_slice(secure, plain, tokenizer):
     """A packed 24-token window (its own attention on shares), logits at every position."""
     text = WIKITEXT_TEST.read_text(encoding="utf-8")[:2000] if WIKITEXT_TEST.is_file() else FALLBACK_TEXT
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:24]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:24]
     secure_nll = sliding_window_nll(hf_model_fn(secure), ids, window=24, stride=23)
     plain_nll = sliding_window_nll(hf_model_fn(plain), ids, window=24, stride=23)
     assert secure_nll.n_tokens == plain_nll.n_tokens == 23
     assert plain_nll.ppl < 0.5 * len(tokenizer)  # far from uniform: the comparison can tell
+    print(json.dumps({"secure_ppl": secure_nll.ppl, "plaintext_ppl": plain_nll.ppl}))
     assert abs(secure_nll.ppl - plain_nll.ppl) / plain_nll.ppl < 0.01, (secure_nll.ppl, plain_nll.ppl)
