@@ -23,7 +23,7 @@ def setup():
         "mv_tall": MatvecPlan(192, 4096, params),
         "packed_small": MatvecPlan(192, 576, params, tokens=16),
         "packed_tall": MatvecPlan(768, 192, params, tokens=8),
-        "split_wide": matvec_plan(5000, 192, params),  # wider than a row (4096): two input ciphertexts
+        "split_wide": matvec_plan(5000, 192, params),  # wider than a row (4096): split in chunks
         "outer": OuterAttentionPlan(H, DH, T_OUT, params),
     }
     inner = InnerKVCache(H, DH, params)

@@ -149,7 +149,7 @@ class DecoderPlans:
         self.linear_shapes = family(shape.family).linear_shapes(shape)
         self.decode = {name: matvec_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.packed = {name: packed_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
-        self.lm_head = MatvecPlan(d, v, he_params)
+        self.lm_head = matvec_plan(d, v, he_params)
         # The cache holds the key/value heads (fewer than the query heads under grouped-query attention).
         self.cache_layout = InnerKVCache(shape.n_kv_head, shape.head_dim, he_params)
 
