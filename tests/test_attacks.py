@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,25 @@ def _run(checkpoint, settings, folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def default_run(tiny_checkpoint, tmp_path_factory):
-    return _run(tiny_checkpoint, DEFAULT, tmp_path_factory.mktemp("attack-default"))
+def runs(tiny_checkpoint, tmp_path_factory):
+    """Both recorded runs at once: each is a server and a client process of
+    its own (this process only waits), and a secure step is half waiting for
+    the peer, so two runs share the machine well."""
+    folders = {name: tmp_path_factory.mktemp(f"attack-{name}") for name in ("default", "client-dealer")}
+    with ThreadPoolExecutor(2) as pool:
+        default = pool.submit(_run, tiny_checkpoint, DEFAULT, folders["default"])
+        client_dealer = pool.submit(_run, tiny_checkpoint, CLIENT_DEALER, folders["client-dealer"])
+        return {"default": default.result(), "client dealer": client_dealer.result()}
 
 
 @pytest.fixture(scope="module")
-def client_dealer_run(tiny_checkpoint, tmp_path_factory):
-    return _run(tiny_checkpoint, CLIENT_DEALER, tmp_path_factory.mktemp("attack-client-dealer"))
+def default_run(runs):
+    return runs["default"]
+
+
+@pytest.fixture(scope="module")
+def client_dealer_run(runs):
+    return runs["client dealer"]
 
 
 # ---------------------------------------------------------------------------

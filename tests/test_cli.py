@@ -9,6 +9,7 @@ as real processes.
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -138,14 +139,21 @@ def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
 
 def test_bench_writes_json_and_plot(tmp_path):
     torch.manual_seed(0)  # as tests/test_sessions.py: bench needs no tokenizer, and a small vocabulary is quicker
-    # Latency against context on a LLaMA-architecture model (grouped-query attention).
-    llama_dir = tmp_path / "tiny-llama"
+    # Two runs at once (each its own server; a secure step is half waiting for the peer):
+    # latency against context on a LLaMA-architecture model (grouped-query attention), and
+    # --prefill on a GPT-2: time to first token, packed and token by token, at each length.
+    llama_dir, gpt2_dir = tmp_path / "tiny-llama", tmp_path / "tiny-gpt2"
     LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=300)).save_pretrained(llama_dir)
-    out = tmp_path / "bench.json"
-    result = cryptogen("bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1,
-                       "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(gpt2_dir)
+    out, prefill_out = tmp_path / "bench.json", tmp_path / "prefill.json"
+    with ThreadPoolExecutor(2) as pool:
+        latency = pool.submit(cryptogen, "bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1, "--out", out)
+        prefill = pool.submit(cryptogen, "bench", "--model", gpt2_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7,
+                              "--out", prefill_out)
+        latency, prefill = latency.result(), prefill.result()
+
+    assert latency.returncode == 0, latency.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["shape"]["family"] == "llama" and report["shape"]["n_kv_head"] == 2
     assert report["dealer"] == "none" and [r["context"] for r in report["rows"]] == [6]
@@ -154,19 +162,14 @@ def test_bench_writes_json_and_plot(tmp_path):
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
-    # --prefill: time to first token, packed and token by token, at each length, one run.
-    model_dir = tmp_path / "tiny-gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(model_dir)
-    out = tmp_path / "prefill.json"
-    result = cryptogen("bench", "--model", model_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    assert prefill.returncode == 0, prefill.stderr[-3000:]
+    report = json.loads(prefill_out.read_text())
     assert [(r["prompt_tokens"], r["path"]) for r in report["rows"]] == [(2, "packed"), (7, "token by token"), (7, "packed")]
     for row in report["rows"]:
         assert row["time_to_first_token_s"] > 0 and row["server_breakdown_s"]["embedding"] > 0
     assert report["rows"][1]["packed_speedup"] == report["rows"][2]["packed_speedup"] > 0
     assert report["decode_s_per_token_after_longest_prompt"] > 0
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert prefill_out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint, capsys):
