@@ -2,7 +2,10 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from cryptogen_hf.families import UnsupportedArchitectureError, family_for_config, llama
 from cryptogen_hf.server.weights import reference_forward
@@ -44,11 +47,21 @@ def _random_qwen2(seed=0):
     return _perturb_norms(model)
 
 
+def _random_mistral(seed=0):
+    """Mistral: a sliding window, which bounds the secure context (within it attention is full)."""
+    torch.manual_seed(seed)
+    config = MistralConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                           max_position_embeddings=64, sliding_window=16, vocab_size=97)
+    model = _perturb_norms(MistralForCausalLM(config).eval())
+    assert family_for_config(model.config).shape_from_config(model.config).n_positions == 16
+    return model
+
+
 # HF's LLaMA-family RMSNorm and rotary tables compute in float32 even in a
 # float64 model (~1e-7 here); a folding mistake is off by far more.
 @pytest.mark.parametrize("make, atol", [(_random_gpt2, 1e-9), (_random_llama, 1e-6), (lambda: _random_llama(tie=True), 1e-6),
-                                        (_random_qwen2, 1e-6)],
-                         ids=["gpt2", "llama-gqa-untied", "llama-tied", "qwen2-biases"])
+                                        (_random_qwen2, 1e-6), (_random_mistral, 1e-6)],
+                         ids=["gpt2", "llama-gqa-untied", "llama-tied", "qwen2-biases", "mistral-window-mqa"])
 def test_folded_reference_matches_hf_logits(make, atol):
     model = make()
     ids = torch.randint(0, 97, (1, 11))
