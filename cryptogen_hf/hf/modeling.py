@@ -178,7 +178,7 @@ def _read_secure_handle(path) -> dict | None:
     if path is None or not (Path(path) / "config.json").is_file():
         return None
     config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("model_type") != CryptoGenModelConfig.model_type:
+    if config.get("model_type") not in (CryptoGenModelConfig.model_type, "cryptogen-gpt2"):  # the latter: folders saved before LLaMA support
         return None
     handle = config.get("cryptogen")
     if not isinstance(handle, dict) or not (handle.get("checkpoint") or handle.get("server")):

@@ -51,9 +51,9 @@ import torch
 from ..crypten_compat import import_crypten
 from ..families import ModelShape, family
 from ..he import InnerKVCache, MatvecPlan, OuterAttentionPlan, OuterKVCache
-from ..he.matvec import matvec_plan
 from ..he.columns import ColumnProductPlan
 from ..he.diagonal import DEFAULT_COSTS, fold_rotations
+from ..he.matvec import matvec_plan
 from ..mpc import ops
 from ..mpc.runtime import CLIENT, SERVER, rank_of
 from .convert import CRYPTEN_FRAC_BITS, he_to_shares, shares_to_he
@@ -88,11 +88,12 @@ class FixedPoint:
         return torch.round(b.double() * 2.0 ** (self.activation_bits + self.weight_bits)).to(torch.int64).numpy()
 
 
-# Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)).
-# Every linear of the blocks may be packed; the LM head is never packed: a pass needs the logits of few positions (the
-# last, or a speculative check's few). Nor is the embedding: packing its long
-# one-hot rows gains little (1.4x estimated for the shipped GPT-2, ~5 % of a
-# prompt's time) and its rotations would add 18 Galois keys (25 MiB) to every
+# Tokens per ciphertext a packed pass may use (MatvecPlan(tokens=...)). Every
+# linear of the blocks may be packed (if its input fits a row); the LM head
+# never is: a pass needs the logits of few positions (the last, or a
+# speculative check's few). Nor is the embedding: packing its long one-hot
+# rows gains little (1.4x estimated for the shipped GPT-2, ~5 % of a prompt's
+# time) and its rotations would add 18 Galois keys (25 MiB) to every
 # session's key bundle.
 PACKED_TOKENS = (2, 4, 8, 16, 32)
 
@@ -101,7 +102,7 @@ def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> 
     """The many-tokens-per-ciphertext plan with the lowest estimated time per token
     (None when no packing fits d_in)."""
     plans = [MatvecPlan(d_in, d_out, he_params, tokens=m, costs=costs) for m in PACKED_TOKENS if m <= 2 * he_params.row_size // d_in]
-    return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)  # none when d_in is wider than a row
+    return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)
 
 
 def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:

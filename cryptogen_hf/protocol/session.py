@@ -178,8 +178,10 @@ def server_message_limits(plans: DecoderPlans, shape: ModelShape, he_params: HEP
       (inner blocks of B tokens, or the outer layout's head_dim diagonals per
       tile), K and V, every layer;
     - ``to_he.ciphertexts``: the input of one HE product for a whole pass
-      (one ciphertext per token and input row; 8 rows is more than any plan
-      uses) or a cache's worth of keys and values for the prefill layouts;
+      (up to 8 ciphertexts per token: a split plan's chunks, he/matvec.py),
+      or a pass's queries, keys and values for the cache (kv_groups query
+      ciphertexts per token in each layout, one key and one value) plus a
+      cache's worth of keys and values for the prefill layouts;
     - ``matmul.ciphertexts``: the two operands of a prompt's attention product;
     - ``mpc``: CrypTen's largest opening, int64 values for every token of a
       pass times the widest per-token tensor (vocabulary, the MLP's hidden
@@ -190,12 +192,13 @@ def server_message_limits(plans: DecoderPlans, shape: ModelShape, he_params: HEP
     ct_bytes = ciphertext_size_limit(he_params)
     T = shape.n_positions
     cache_cts = cache_ciphertexts_bound(plans, shape, he_params)
-    framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + 8))  # pack_blobs' length words
+    per_token = max(8, 2 * shape.kv_groups + 2)  # to_he ciphertexts per token of a pass, at most
+    framing = 8 * (1 + cache_cts + T * (plans.embed_chunks + per_token))  # pack_blobs' length words
     return {
         "embed.onehot": T * plans.embed_chunks * ct_bytes + framing,
         "refresh.fresh": cache_cts * ct_bytes + framing,
         "bench.fill": cache_cts * ct_bytes + framing,
-        "to_he.ciphertexts": (T * 8 + cache_cts) * ct_bytes + framing,
+        "to_he.ciphertexts": (T * per_token + cache_cts) * ct_bytes + framing,
         # A prompt's attention on shares: both operands of Q K^T (head_dim
         # ciphertexts each) or of P V (one per token each).
         "matmul.ciphertexts": 2 * max(T, shape.head_dim) * ct_bytes + framing,
