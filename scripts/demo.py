@@ -23,7 +23,9 @@ from cryptogen_hf.hf.modeling import CryptoGenForCausalLM
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="GPT-2 checkpoint folder (default: the shipped model)")
+    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR),
+                        help="GPT-2 or LLaMA-family checkpoint folder (default: the shipped GPT-2; the shipped LLaMA: "
+                             "cryptogen_hf/models/tiny-llama)")
     parser.add_argument("--prompt", default="The history of the city")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path (default: configs/default.yaml)")
