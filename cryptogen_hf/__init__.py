@@ -14,9 +14,12 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 # The small models that ship with the package (made by scripts/train_small_model.py):
-# a GPT-2 (the demo's) and a LLaMA-architecture model with the same tokenizer.
+# a GPT-2 (the demo's), a LLaMA-architecture model with the same tokenizer, and
+# a 2-layer GPT-2 distilled from the first, the client's draft model for
+# speculative decoding (generate(assistant_model=...)).
 SHIPPED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gpt2"
 SHIPPED_LLAMA_DIR = Path(__file__).parent / "models" / "tiny-llama"
+SHIPPED_DRAFT_DIR = Path(__file__).parent / "models" / "tiny-gpt2-draft"
 
 
 def __getattr__(name):

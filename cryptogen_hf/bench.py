@@ -378,6 +378,181 @@ def run_prefill(args, model, model_dir: Path, settings, crypten, setup_s: float)
     return 0
 
 
+class _ArrivalLog:
+    """A ``generate()`` streamer recording when each batch of new tokens
+    arrived and how many (a speculative check delivers several at once)."""
+
+    def __init__(self):
+        self.arrivals: list[tuple[float, int]] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        self.arrivals.append((time.perf_counter(), int(value.numel())))
+
+    def end(self):
+        pass
+
+
+# Where a checkout keeps WikiText-2 (the project's shared corpora, beside the repository).
+WIKITEXT_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+def speculative_prompts(tokenizer, n_prompts: int, prompt_tokens: int, text_file: Path | None) -> list[list[int]]:
+    """Prompts from ``text_file`` (default: WikiText-2's test split, never trained
+    on), 1,000 tokens apart; a fixed text where there is no such file."""
+    text_file = text_file or WIKITEXT_TEST
+    text = text_file.read_text(encoding="utf-8")[:400_000] if text_file.is_file() else SPECULATIVE_FALLBACK_TEXT * 40
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    step = max(prompt_tokens, min(1000, (len(ids) - prompt_tokens) // max(n_prompts, 1)))
+    return [ids[i : i + prompt_tokens] for i in range(0, step * n_prompts, step)]
+
+
+SPECULATIVE_FALLBACK_TEXT = (
+    "The tower is 324 metres tall , about the same height as an 81 @-@ storey building , and the tallest "
+    "structure in Paris . Its base is square , measuring 125 metres on each side . During its construction , "
+    "the tower surpassed the Washington Monument to become the tallest man @-@ made structure in the world . "
+)
+
+
+def measure_generation(model, ids: list[int], new_tokens: int, **options) -> dict:
+    """One greedy generate() of ``new_tokens`` after ``ids`` in a new conversation:
+    wall time, tokens, and the passes the server ran (asked, not decrypted)."""
+    from .hf.modeling import EncryptedCache
+
+    session = model.session
+    cache = EncryptedCache(model)  # a new conversation
+    before = session.stats()
+    log = _ArrivalLog()
+    start = time.perf_counter()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         cache=cache, streamer=log, **options)
+    total = time.perf_counter() - start
+    after = session.stats()
+    (first_at, first_n), (last_at, _) = log.arrivals[0], log.arrivals[-1]
+    passes = after["passes"] - before["passes"]
+    return {
+        "tokens": out[0, len(ids):].tolist(),
+        "generate_s": round(total, 3),
+        "first_pass_tokens_out": first_n,
+        "after_first_s": round(last_at - first_at, 3),
+        "tokens_after_first": new_tokens - first_n,
+        "passes": passes,
+        "tokens_run": after["tokens_processed"] - before["tokens_processed"],
+    }
+
+
+def run_speculative(args, model, model_dir: Path, settings, setup_s: float) -> int:
+    """``cryptogen bench --speculative DRAFT``: greedy generation with a
+    plaintext draft model at the client (k drafted tokens checked per pass)
+    and with prompt lookup, against ordinary greedy decoding, same prompts,
+    same session. Every variant must give the ordinary tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(args.out or "results/bench_speculative.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    draft = AutoModelForCausalLM.from_pretrained(local_model_dir(args.speculative)).eval()
+    prompts = speculative_prompts(tokenizer, args.prompts, args.prompt_tokens, args.prompt_text)
+    variants = [("greedy", {})]
+    for k in args.draft_tokens:
+        variants.append((f"draft k={k}", {"assistant_model": draft, "k": k}))
+    variants.append((f"prompt lookup k={args.draft_tokens[-1]}", {"prompt_lookup_num_tokens": args.draft_tokens[-1]}))
+    rows = []
+    bar = tqdm(total=len(prompts) * len(variants), desc="speculative bench", unit="run")
+    try:
+        # A first conversation fills the correlation pools, so the first timed
+        # variant does not pay the session's first batches; the order of the
+        # variants rotates from prompt to prompt, so that none always runs on
+        # what the previous one left in the pools.
+        measure_generation(model, prompts[0], 2)
+        for p, ids in enumerate(prompts):
+            for name, options in variants[p % len(variants):] + variants[: p % len(variants)]:
+                options = dict(options)
+                k = options.pop("k", None)
+                if k is not None:  # a constant number of drafted tokens per check
+                    draft.generation_config.num_assistant_tokens = k
+                    draft.generation_config.num_assistant_tokens_schedule = "constant"
+                    draft.generation_config.assistant_confidence_threshold = 0.0
+                row = {"prompt": p, "variant": name, **measure_generation(model, ids, args.new_tokens, **options)}
+                rows.append(row)
+                bar.update(1)
+                tqdm.write(json.dumps({k: row[k] for k in ("prompt", "variant", "generate_s", "passes", "tokens_run")}))
+    finally:
+        bar.close()
+        model.close()
+    summary = []
+    for name, _ in variants:
+        mine = [r for r in rows if r["variant"] == name]
+        greedy = [r for r in rows if r["variant"] == "greedy"]
+        identical = all(m["tokens"] == g["tokens"] for m, g in zip(mine, greedy))
+        generate_s = sum(r["generate_s"] for r in mine)
+        after_s = sum(r["after_first_s"] for r in mine)
+        after_tokens = sum(r["tokens_after_first"] for r in mine)
+        summary.append({
+            "variant": name,
+            "identical_to_greedy": identical,
+            "generate_s": round(generate_s, 2),
+            "tokens_per_s": round(args.new_tokens * len(mine) / generate_s, 4),
+            "tokens_per_s_after_first_pass": round(after_tokens / after_s, 4) if after_s else None,
+            "new_tokens_per_pass": round(args.new_tokens * len(mine) / sum(r["passes"] for r in mine), 2),
+            "tokens_run_per_new_token": round(sum(r["tokens_run"] for r in mine) / (args.new_tokens * len(mine)), 2),
+        })
+    base = summary[0]
+    for row in summary:
+        row["speedup_vs_greedy"] = round(base["generate_s"] / row["generate_s"], 2)
+    result = {
+        "model": str(model_dir),
+        "draft": str(args.speculative),
+        "dealer": settings.mpc.dealer,
+        "trust_model": TRUST_MODELS[settings.mpc.dealer] + "; speculative variants also tell the server how many "
+                       "drafted tokens each check accepted (generation.speculative_reveals_acceptance)",
+        "session_setup_s": round(setup_s, 2),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "prompts": len(prompts),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "summary": summary,
+        "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    plot_speculative(summary, out.with_suffix(".png"), f"{model_dir.name}, draft {Path(args.speculative).name}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"trust model: {result['trust_model']}")
+    print("| variant | tokens/s | speedup | new tokens per pass | tokens run per new token | same tokens as greedy |")
+    print("|---|---|---|---|---|---|")
+    for row in summary:
+        print(f"| {row['variant']} | {row['tokens_per_s']} | {row['speedup_vs_greedy']}x | {row['new_tokens_per_pass']} "
+              f"| {row['tokens_run_per_new_token']} | {row['identical_to_greedy']} |")
+    if not all(row["identical_to_greedy"] for row in summary):
+        print("ERROR: a speculative variant gave other tokens than greedy decoding")
+        return 1
+    return 0
+
+
+def plot_speculative(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["variant"] for r in summary]
+    ax1.bar(names, [r["tokens_per_s"] for r in summary])
+    ax1.set_ylabel("new tokens per second (whole generate())")
+    ax1.set_title(title)
+    ax2.bar(names, [r["new_tokens_per_pass"] for r in summary])
+    ax2.set_ylabel("new tokens per secure pass")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # -- command line (cryptogen bench, scripts/bench_generation.py) ------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import SHIPPED_MODEL_DIR
@@ -403,10 +578,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --prefill: prompt lengths (default 16 32 64 128 256 512)")
     parser.add_argument("--baseline-lengths", type=positive_int, nargs="*", default=None,
                         help="with --prefill: run the token-by-token path only at these lengths (default: all)")
+    parser.add_argument("--speculative", metavar="DRAFT", default=None,
+                        help="measure greedy generation with this plaintext draft model at the client (and with prompt "
+                             "lookup) against ordinary greedy decoding instead")
+    parser.add_argument("--draft-tokens", type=positive_int, nargs="+", default=[1, 2, 3],
+                        help="with --speculative: drafted tokens per check to try (default 1 2 3)")
+    parser.add_argument("--prompts", type=positive_int, default=3, help="with --speculative: prompts (from WikiText-2 test)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=12, help="with --speculative: tokens per prompt")
+    parser.add_argument("--prompt-text", type=Path, default=None,
+                        help="with --speculative: text file the prompts are cut from (default: WikiText-2 test, if present)")
+    parser.add_argument("--new-tokens", type=positive_int, default=12, help="with --speculative: tokens generated per prompt")
     add_settings_arguments(parser)
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output; the plot goes beside it as .png "
-                             "(default: results/bench_generation.json, or results/bench_prefill.json with --prefill)")
+                        help="JSON output; the plot goes beside it as .png (default: results/bench_generation.json, "
+                             "results/bench_prefill.json with --prefill, results/bench_speculative.json with --speculative)")
 
 
 def run(args) -> int:
@@ -430,7 +615,15 @@ def run(args) -> int:
         if not 2 <= context <= context_limit - args.decode_tokens:
             raise CLIError(f"context {context} must be in 2..{context_limit - args.decode_tokens} "
                            f"(model context {context_limit} minus --decode-tokens {args.decode_tokens})")
+    if args.prefill and args.speculative:
+        raise CLIError("--prefill and --speculative are two different benchmarks: give one")
     settings = settings_from_args(args)
+    if args.speculative:
+        if args.prompt_tokens + args.new_tokens + max(args.draft_tokens) > context_limit:
+            raise CLIError(f"--prompt-tokens + --new-tokens + the largest --draft-tokens exceed the model's context of {context_limit}")
+        # The benchmark measures speculative decoding, which tells the server how
+        # many drafted tokens each check accepted (the client's choice to make).
+        settings.generation.speculative_reveals_acceptance = True
     crypten = import_crypten()
     start = time.perf_counter()
     model = CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
@@ -438,6 +631,8 @@ def run(args) -> int:
     crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
     if args.prefill:
         return run_prefill(args, model, model_dir, settings, crypten, setup_s)
+    if args.speculative:
+        return run_speculative(args, model, model_dir, settings, setup_s)
     out = Path(args.out or "results/bench_generation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -51,6 +51,18 @@ class MPCSettings:
 
 
 @dataclass
+class GenerationSettings:
+    # Client only. Speculative decoding (generate(assistant_model=...)) and
+    # prompt-lookup decoding (generate(prompt_lookup_num_tokens=...)) check k
+    # drafted tokens in one pass and then crop the rejected ones from the
+    # encrypted cache: the server sees each check's length and each crop, so
+    # it learns how many drafted tokens every check accepted (a few bits per
+    # check about how predictable the text is; such counts have been used to
+    # fingerprint prompts). Refused unless this is true.
+    speculative_reveals_acceptance: bool = False
+
+
+@dataclass
 class CacheSettings:
     prefill_layout: str = "auto"
 
@@ -100,6 +112,7 @@ class CryptoGenConfig:
     fixed_point: FixedPointSettings = field(default_factory=FixedPointSettings)
     mpc: MPCSettings = field(default_factory=MPCSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
 
@@ -142,6 +155,9 @@ class CryptoGenConfig:
             value = getattr(self.server, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"server.{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.generation.speculative_reveals_acceptance, bool):
+            raise ConfigError("generation.speculative_reveals_acceptance must be true or false, got "
+                              f"{self.generation.speculative_reveals_acceptance!r}")
         if not isinstance(self.server.diagnostics, bool):
             raise ConfigError(f"server.diagnostics must be true or false, got {self.server.diagnostics!r}")
         return self
@@ -162,7 +178,7 @@ class CryptoGenConfig:
                 raise ConfigError(f"unknown config section {key!r} (known: {sorted(sections)})")
             section_cls = {
                 "he": HESettings, "fixed_point": FixedPointSettings, "mpc": MPCSettings,
-                "cache": CacheSettings, "timeouts": TimeoutSettings, "server": ServerSettings,
+                "cache": CacheSettings, "generation": GenerationSettings, "timeouts": TimeoutSettings, "server": ServerSettings,
             }[key]
             known = {f.name for f in dataclasses.fields(section_cls)}
             unknown = set(value or {}) - known

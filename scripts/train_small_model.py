@@ -26,7 +26,14 @@ checkpoint is recorded in its README.md):
     python scripts/train_small_model.py
     python scripts/train_small_model.py --arch llama --tokenizer cryptogen_hf/models/tiny-gpt2 \
         --n-layer 4 --n-embd 192 --n-head 4 --n-kv-head 2 --intermediate-size 512
+    python scripts/train_small_model.py --n-layer 2 --distill-from cryptogen_hf/models/tiny-gpt2 \
+        --tokenizer cryptogen_hf/models/tiny-gpt2 --out cryptogen_hf/models/tiny-gpt2-draft
     python scripts/train_small_model.py --steps 50 --out /tmp/tiny   # smoke test
+
+With --distill-from TEACHER the model learns the teacher's next-token
+distributions (KL divergence, mixed half and half with the data's cross
+entropy): a draft model for speculative decoding, whose worth is how often its
+greedy token equals the teacher's.
 """
 
 import argparse
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from tqdm import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -111,6 +118,12 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation passes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--distill-from", type=Path, default=None,
+                   help="a checkpoint folder to distil (a draft model for speculative decoding); needs --tokenizer "
+                        "naming a folder with the same tokenizer")
+    p.add_argument("--assistant-tokens", type=int, default=1,
+                   help="with --distill-from: tokens the draft proposes per check (its generation_config's "
+                        "num_assistant_tokens, a constant schedule)")
     args = p.parse_args(argv)
 
     # Check the architecture options here, before minutes of tokenizing and training.
@@ -127,6 +140,8 @@ def parse_args(argv=None):
             p.error(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
     if args.n_embd % args.n_head != 0:
         p.error(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    if args.distill_from is not None and args.tokenizer is None:
+        p.error("--distill-from needs --tokenizer (the teacher's token ids)")
     if args.out is None:
         args.out = DEFAULT_OUT[args.arch]
     return args
@@ -318,6 +333,35 @@ def evaluate(model, data, block_size, batch_size):
     return total / count
 
 
+def training_loss(model, x, teacher=None):
+    """The data's cross entropy; with a teacher, its mean with KL(teacher || model)
+    over every position's next-token distribution."""
+    out = model(input_ids=x, labels=x)
+    if teacher is None:
+        return out.loss
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(out.logits, dim=-1), target, log_target=True, reduction="none")
+    return 0.5 * out.loss + 0.5 * kl.sum(-1).mean()
+
+
+def agreement(model, teacher, data, block_size, batch_size):
+    """How often the model's greedy next token equals the teacher's (over the
+    split's non-overlapping chunks): a draft's acceptance rate in greedy
+    speculative decoding, one token at a time."""
+    model.eval()
+    n_chunks = (len(data) - 1) // block_size
+    chunks = data[: n_chunks * block_size].view(n_chunks, block_size)
+    same = count = 0
+    with torch.no_grad():
+        for i in range(0, n_chunks, batch_size):
+            x = chunks[i:i + batch_size]
+            same += (model(input_ids=x).logits.argmax(-1) == teacher(input_ids=x).logits.argmax(-1)).sum().item()
+            count += x.numel()
+    model.train()
+    return same / count
+
+
 def param_count(model):
     # Tied lm_head shares the embedding matrix; count unique tensors only.
     seen, n = set(), 0
@@ -404,6 +448,13 @@ model = AutoModelForCausalLM.from_pretrained(cryptogen_hf.SHIPPED_MODEL_DIR)"""
         use = f"""tok = AutoTokenizer.from_pretrained("{display_path(out)}")
 model = AutoModelForCausalLM.from_pretrained("{display_path(out)}")"""
         eval_model = f" --model {shlex.quote(display_path(out))}"
+    distilled = "" if info["distilled_from"] is None else f"""
+Distilled from `{info['distilled_from']}` (the loss is the mean of the data's cross
+entropy and the KL divergence from the teacher's next-token distribution). Its
+greedy next token equals the teacher's at {info['val_greedy_agreement']:.1%} of the
+validation positions: the acceptance rate of one drafted token in greedy
+speculative decoding (`generate(..., assistant_model=...)`).
+"""
     card = f"""# {out.name} (cryptogen_hf shipped model)
 
 {intro}
@@ -455,7 +506,7 @@ Final losses (mean token NLL, nats; train = the first 200k training tokens; non-
 |---|---|---|
 | train | {info['train_loss']:.4f} | {math.exp(info['train_loss']):.2f} |
 | validation | {info['val_loss']:.4f} | {math.exp(info['val_loss']):.2f} |
-
+{distilled}
 {info['stop_note']}
 
 ## Reproduce
@@ -508,7 +559,13 @@ def main(argv=None):
     print(f"tokenizer: vocab {vocab_size}, {how} in {time.time() - t0:.1f}s; "
           f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
 
-    # 3. model
+    # 3. model (and the teacher it distils, if any)
+    teacher = None
+    if args.distill_from is not None:
+        teacher = AutoModelForCausalLM.from_pretrained(args.distill_from).eval()
+        if teacher.config.vocab_size != vocab_size:
+            sys.exit(f"--distill-from {args.distill_from} has vocabulary {teacher.config.vocab_size}, the tokenizer {vocab_size}")
+        print(f"distilling {args.distill_from}")
     model = build_model(args, vocab_size, eot_id)
     model.train()
     n_params = param_count(model)
@@ -544,7 +601,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         x = random_batch(train_ids, args.block_size, args.batch_size, gen)
-        loss = model(input_ids=x, labels=x).loss
+        loss = training_loss(model, x, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -565,6 +622,9 @@ def main(argv=None):
     # prefix so it is cheap and comparable to the validation loss.
     val_loss = evaluate(model, val_ids, args.block_size, args.batch_size)
     train_loss = evaluate(model, train_ids[:200_000], args.block_size, args.batch_size)
+    val_agreement = None if teacher is None else agreement(model, teacher, val_ids, args.block_size, args.batch_size)
+    if val_agreement is not None:
+        print(f"greedy agreement with {args.distill_from} on validation: {val_agreement:.1%}")
     print(f"final: train loss {train_loss:.4f} (ppl {math.exp(train_loss):.2f}), "
           f"val loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}); "
           f"{step} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min")
@@ -576,6 +636,15 @@ def main(argv=None):
     model.generation_config.eos_token_id = eot_id
     model.generation_config.pad_token_id = eot_id  # silences generate()'s pad warning
     model.generation_config.bad_words_ids = placeholder_bans(hf_tok)
+    if teacher is not None:
+        # How many tokens the draft proposes per check when it is a
+        # generate(assistant_model=...): a constant k (a heuristic schedule
+        # would change the check's length with the acceptance, and a
+        # confidence cut-off would end drafts early on a small model's flat
+        # distributions); k is set from scripts/bench_generation.py --speculative.
+        model.generation_config.num_assistant_tokens = args.assistant_tokens
+        model.generation_config.num_assistant_tokens_schedule = "constant"
+        model.generation_config.assistant_confidence_threshold = 0.0
     model.save_pretrained(args.out, safe_serialization=True)
     hf_tok.save_pretrained(args.out)
     fix_tokenizer_files(args.out)
@@ -597,6 +666,8 @@ def main(argv=None):
         "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
         "train_loss": train_loss,
         "val_loss": val_loss,
+        "distilled_from": display_path(args.distill_from) if teacher is not None else None,
+        "val_greedy_agreement": val_agreement,
         "stop_note": stop_note,
     }
     write_model_card(args.out, args, info)

@@ -14,7 +14,7 @@ from conftest import start_server, stop_server
 from plaintext_standin import PlaintextStandInSession
 from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from cryptogen_hf.config import CryptoGenConfig, MPCSettings
+from cryptogen_hf.config import CryptoGenConfig, GenerationSettings, MPCSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 from cryptogen_hf.families import UnsupportedArchitectureError, family_for_config
 
@@ -62,6 +62,22 @@ def test_token_only_reveal_samples_inside_mpc_and_refuses_processors_that_need_l
     assert model.session.temperatures[3:] == [None, None]  # and greedy again after it
     plain = GPT2LMHeadModel.from_pretrained(checkpoint).eval().generate(ids, max_new_tokens=2, do_sample=False)
     assert greedy.tolist() == plain.tolist()
+
+
+def test_speculative_decoding_is_refused_unless_the_client_accepts_that_the_server_learns_acceptance(checkpoint):
+    """Each check's length and crop tell the server how many drafted tokens it
+    accepted: off by default, refused by name before any work."""
+    draft = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    model = _standin_model(checkpoint)
+    for options in ({"assistant_model": draft}, {"prompt_lookup_num_tokens": 2}):
+        with pytest.raises(ValueError, match="generation.speculative_reveals_acceptance is true"):
+            model.generate(ids, max_new_tokens=3, do_sample=False, **options)
+    assert model.session.passes == []
+    model = _standin_model(checkpoint, generation=GenerationSettings(speculative_reveals_acceptance=True))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=draft)
+    assert out.tolist() == draft.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+    assert max(model.session.passes[1:]) > 1  # the draft (here the model itself) was checked several tokens a pass
 
 
 def test_generation_metadata_comes_from_the_checkpoint(checkpoint):

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextStreamer, pipeline
 
-from cryptogen_hf import SHIPPED_MODEL_DIR
+from cryptogen_hf import SHIPPED_DRAFT_DIR, SHIPPED_MODEL_DIR
+from cryptogen_hf.config import CryptoGenConfig, GenerationSettings
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 
 # Prompts whose greedy continuation (8 tokens, of which the test runs 3; "<" is banned by the
@@ -31,6 +32,7 @@ PROMPTS = [
     "He was born in",
 ]
 NEW_TOKENS = 3
+SPECULATIVE_TOKENS = 6  # the second prompt, with the shipped draft model
 
 
 @pytest.fixture(scope="module")
@@ -73,39 +75,52 @@ def _plain_greedy(plain_model, input_ids, n):
         return plain_model.generate(input_ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(input_ids))
 
 
-def _secure_greedy_worker(prompts: list[str], new_tokens: int) -> list[dict]:
-    """Client process of one secure session: greedy generation for each prompt.
+def _secure_greedy_worker(prompt: str, new_tokens: int, speculative: bool) -> dict:
+    """Client process of one secure session: greedy generation for ``prompt``,
+    with ``speculative``, checking the shipped draft model's tokens (several
+    per pass, the rejected ones cropped from the encrypted cache).
 
     Runs in a spawned process (a client process holds one session at a time),
     so that two sessions share the machine: a secure step is half waiting for
     the peer, and two sessions fill those gaps (1.6x less wall time here).
     """
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
-    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR)
-    results = []
+    settings = CryptoGenConfig(generation=GenerationSettings(speculative_reveals_acceptance=speculative))
+    model = CryptoGenForCausalLM.from_pretrained(SHIPPED_MODEL_DIR, settings=settings)
     try:
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
-            results.append({"prompt": prompt, "ids": ids, "sequences": out.sequences, "logits": torch.cat(out.logits)})
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        cache = EncryptedCache(model)
+        options = {"assistant_model": AutoModelForCausalLM.from_pretrained(SHIPPED_DRAFT_DIR).eval()} if speculative else {}
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             cache=cache, **options)
+        return {"prompt": prompt, "ids": ids, "sequences": out.sequences, "logits": torch.cat(out.logits),
+                "cache_tokens": cache.get_seq_length(), "server": model.session.stats()}
     finally:
         model.close()
-    return results
 
 
-@pytest.mark.timeout(1800)  # 2 prompts x 3 tokens at seconds per token
+@pytest.mark.timeout(1800)  # 2 prompts x 3-6 tokens at seconds per token
 def test_greedy_generation_is_token_identical_to_plaintext(shipped_plain):
-    # Two concurrent client processes, each with its own session (own keys,
-    # own server worker), prompts split between them.
+    """Two concurrent client processes, each with its own session (own keys,
+    own server worker): ordinary greedy decoding of the first prompt, and
+    speculative decoding of the second with the shipped draft model, which
+    must give exactly the greedy tokens."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as pool:
-        batches = pool.starmap(_secure_greedy_worker, [(PROMPTS[0::2], NEW_TOKENS), (PROMPTS[1::2], NEW_TOKENS)])
-    results = {r["prompt"]: r for batch in batches for r in batch}
+        runs = pool.starmap(_secure_greedy_worker, [(PROMPTS[0], NEW_TOKENS, False), (PROMPTS[1], SPECULATIVE_TOKENS, True)])
+    results = {r["prompt"]: r for r in runs}
     assert sorted(results) == sorted(PROMPTS)
+    speculative = results[PROMPTS[1]]
+    # The draft's tokens were checked several per pass (fewer passes than one
+    # per token: the prompt's, then one per decode step), and the rejected
+    # ones were cropped from the server's encrypted cache: it holds every
+    # token but the last, as after ordinary decoding.
+    assert speculative["server"]["passes"] < SPECULATIVE_TOKENS, speculative["server"]
+    assert speculative["cache_tokens"] == speculative["server"]["tokens"] == speculative["sequences"].shape[1] - 1
     report = []
     for prompt in PROMPTS:
         ids, sequences = results[prompt]["ids"], results[prompt]["sequences"]
-        plain = _plain_greedy(shipped_plain, ids, NEW_TOKENS)
+        plain = _plain_greedy(shipped_plain, ids, sequences.shape[1] - ids.shape[1])
         assert sequences.tolist() == plain.tolist(), f"prompt {prompt!r} diverged"
         # Logit error at every step, against the plaintext logits of the same sequence.
         with torch.no_grad():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMode
 from transformers.generation.logits_process import TemperatureLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -416,6 +417,13 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                                 "nobody can return them)")
         if refusals:
             raise ValueError("the secure model does not support " + "; ".join(refusals))
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and not self.session.config.generation.speculative_reveals_acceptance:
+            raise ValueError(
+                "speculative and prompt-lookup decoding (assistant_model=..., prompt_lookup_num_tokens=...) let the "
+                "server learn how many drafted tokens each check accepted (it sees each pass's length and each crop "
+                "of the encrypted cache): a few bits per check about how predictable your text is. To accept that, "
+                "load the model with settings whose generation.speculative_reveals_acceptance is true"
+            )
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
         # With reveal: token the token is drawn inside MPC, at this temperature
         # (the client sees no logits to sample from).

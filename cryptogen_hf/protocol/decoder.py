@@ -105,14 +105,31 @@ def packed_plan(d_in: int, d_out: int, he_params, costs: dict | None = None) -> 
     return min(plans, key=lambda plan: plan.est_seconds / plan.tokens, default=None)
 
 
-def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None) -> float:
+def pass_seconds(plan: MatvecPlan, T: int, costs: dict | None = None, pre_encoded: bool = False) -> float:
     """Estimated time of a pass of T tokens through ``plan``: products and
-    conversions per ciphertext, plus, for a packed plan, encoding its
-    diagonals on the fly (a decode plan's are encoded once, at load)."""
+    conversions per ciphertext, plus, for a packed plan not ``pre_encoded``,
+    encoding its diagonals on the fly (a decode plan's are encoded once, at load)."""
     t = costs or DEFAULT_COSTS
     if plan.tokens == 1:
         return T * (plan.est_seconds + plan.n_inputs * t["to_he"] + plan.n_tiles * t["from_he"])
-    return -(-T // plan.tokens) * plan.est_seconds + plan.n_plaintexts * t["encode"]
+    return -(-T // plan.tokens) * plan.est_seconds + (0.0 if pre_encoded else plan.n_plaintexts * t["encode"])
+
+
+# A speculative check (generate(assistant_model=...) or prompt lookup) runs a
+# few tokens per pass: the drafted ones and the last accepted one. Their
+# linears are cheapest packed VERIFY_TOKENS per ciphertext, but encoding a
+# packed plan's diagonals for every pass would cost more than packing saves,
+# so a model whose verify plans fit VERIFY_WEIGHTS_MIB keeps their weights
+# encoded from load (the shipped GPT-2 and LLaMA: 4 layers of width 192, ~200
+# MiB); a wider model's packed weights would take gigabytes and it checks
+# drafts with the decode plans.
+VERIFY_TOKENS = 4
+VERIFY_WEIGHTS_MIB = 256
+
+
+def plaintext_bytes(he_params) -> int:
+    """Bytes of one weight plaintext encoded for products (NTT form, every data prime)."""
+    return he_params.poly_modulus_degree * (len(he_params.coeff_modulus) - 1) * 8
 
 
 class DecoderPlans:
@@ -121,10 +138,11 @@ class DecoderPlans:
     Each linear layer of the blocks (the family's ``linear_shapes``) has two
     plans: a decode plan (one token per ciphertext, weights encoded once at
     load) and a packed plan (several tokens per ciphertext, weights encoded
-    for each pass). A pass of T tokens takes the one with the lower estimated
-    time (``for_pass``), so a decode step and a short speculative check stay
-    on the first and a prompt goes to the second; both parties decide alike
-    from T.
+    for each pass); a small model has a third, ``verify`` (VERIFY_TOKENS per
+    ciphertext, weights encoded at load), for short passes. A pass of T
+    tokens takes the one with the lowest estimated time (``for_pass``), so a
+    decode step stays on the first, a prompt goes to the second and a
+    speculative check to the third; both parties decide alike from T.
     """
 
     def __init__(self, shape: ModelShape, he_params):
@@ -150,20 +168,32 @@ class DecoderPlans:
         self.linear_shapes = family(shape.family).linear_shapes(shape)
         self.decode = {name: matvec_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
         self.packed = {name: packed_plan(d_in, d_out, he_params) for name, (d_in, d_out) in self.linear_shapes.items()}
+        self.verify = {}
+        for name, (d_in, d_out) in self.linear_shapes.items():
+            if self.packed[name] is not None and VERIFY_TOKENS <= 2 * row // d_in:
+                plan = MatvecPlan(d_in, d_out, he_params, tokens=VERIFY_TOKENS)
+                if plan.est_seconds < pass_seconds(self.decode[name], VERIFY_TOKENS):
+                    self.verify[name] = plan
+        verify_bytes = shape.n_layer * sum(plan.n_plaintexts for plan in self.verify.values()) * plaintext_bytes(he_params)
+        if verify_bytes > VERIFY_WEIGHTS_MIB * 2**20:
+            self.verify = {}
         self.lm_head = matvec_plan(d, v, he_params)
         # The cache holds the key/value heads (fewer than the query heads under grouped-query attention).
         self.cache_layout = InnerKVCache(shape.n_kv_head, shape.head_dim, he_params)
 
     def for_pass(self, name: str, T: int) -> MatvecPlan:
         """The plan of linear ``name`` ("qkv", ...) for a pass of T tokens."""
-        decode, packed = self.decode[name], self.packed[name]
+        decode, packed, verify = self.decode[name], self.packed[name], self.verify.get(name)
         if packed is None or T < 2:
             return decode
-        return packed if pass_seconds(packed, T) < pass_seconds(decode, T) else decode
+        options = [(pass_seconds(decode, T), decode), (pass_seconds(packed, T), packed)]
+        if verify is not None:
+            options.append((pass_seconds(verify, T, pre_encoded=True), verify))
+        return min(options, key=lambda option: option[0])[1]
 
     def matvec_plans(self):
         plans = [self.embed, self.lm_head, *self.decode.values()]
-        return plans + [plan for plan in self.packed.values() if plan is not None]
+        return plans + [plan for plan in self.packed.values() if plan is not None] + list(self.verify.values())
 
     def galois_steps(self) -> list[int]:
         steps = set(self.cache_layout.galois_steps())
@@ -272,9 +302,15 @@ class EncodedLinear:
     weights: list  # its pre-encoded NTT plaintexts (plan.encode_weights)
     bias: np.ndarray  # int64, at activation_bits + weight_bits fractional bits
     quantized: np.ndarray | None  # W (d_in x d_out) at weight_bits, int32, for the layers a pass may pack: it encodes its own diagonals
+    verify_plan: MatvecPlan | None = None  # DecoderPlans.verify's plan, if any
+    verify_weights: list | None = None  # its pre-encoded plaintexts
 
     def weights_for(self, he, plan: MatvecPlan) -> list:
-        return self.weights if plan is self.plan else plan.encode_weights(he, self.quantized)
+        if plan is self.plan:
+            return self.weights
+        if plan is self.verify_plan:
+            return self.verify_weights
+        return plan.encode_weights(he, self.quantized)
 
 
 class EncodedDecoder:
@@ -295,14 +331,16 @@ class EncodedDecoder:
         self.wpe = fp.quantize_weight(prepared.wpe) if prepared.wpe is not None else None
         tick()
 
-        def linear(plan, lin, packable: bool):
+        def linear(plan, lin, packable: bool, verify: MatvecPlan | None = None):
             quantized = fp.quantize_weight(lin.weight).astype(np.int32)
-            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), quantized if packable else None)
+            enc = EncodedLinear(plan, plan.encode_weights(encoder, quantized), fp.quantize_product(lin.bias), quantized if packable else None,
+                                verify, verify.encode_weights(encoder, quantized) if verify is not None else None)
             tick()
             return enc
 
         self.blocks = [
-            {name: linear(plans.decode[name], block[name], plans.packed[name] is not None) for name in plans.linear_shapes}
+            {name: linear(plans.decode[name], block[name], plans.packed[name] is not None, plans.verify.get(name))
+             for name in plans.linear_shapes}
             for block in prepared.blocks
         ]
         self.lm_head = linear(plans.lm_head, prepared.lm_head, packable=False)  # never packed (PACKED_TOKENS)
