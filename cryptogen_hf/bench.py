@@ -611,7 +611,7 @@ def run(args) -> int:
         for length in args.lengths:
             if not 2 <= length <= context_limit - 1:
                 raise CLIError(f"prompt length {length} must be in 2..{context_limit - 1} (the model's context minus the next token)")
-    for context in [] if args.prefill else args.contexts:
+    for context in [] if args.prefill or args.speculative else args.contexts:
         if not 2 <= context <= context_limit - args.decode_tokens:
             raise CLIError(f"context {context} must be in 2..{context_limit - args.decode_tokens} "
                            f"(model context {context_limit} minus --decode-tokens {args.decode_tokens})")

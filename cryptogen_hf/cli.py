@@ -53,6 +53,7 @@ def _generate(args) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from .cli_common import CLIError, local_model_dir
+    from .config import load_config
     from .hf.modeling import CryptoGenForCausalLM
 
     if not args.model and not args.server:
@@ -61,13 +62,28 @@ def _generate(args) -> int:
         local_model_dir(args.model)
     if not (args.tokenizer or args.model):
         raise CLIError("with --server, give --tokenizer PATH (the client needs only the tokenizer)")
+    speculative = {}
+    if args.draft or args.prompt_lookup:
+        if args.draft and args.prompt_lookup:
+            raise CLIError("--draft and --prompt-lookup are two ways to draft tokens: give one")
+        if not args.speculative_reveals_acceptance:
+            raise CLIError("--draft and --prompt-lookup let the server learn how many drafted tokens each check "
+                           "accepted (a few bits per check about your text): add --speculative-reveals-acceptance to accept that")
+        if args.draft:
+            from transformers import AutoModelForCausalLM
+
+            speculative["assistant_model"] = AutoModelForCausalLM.from_pretrained(local_model_dir(args.draft)).eval()
+        else:
+            speculative["prompt_lookup_num_tokens"] = args.prompt_lookup
+    settings = load_config(args.config)
+    settings.generation.speculative_reveals_acceptance = args.speculative_reveals_acceptance
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     remote = {}
     if args.server:
         from .protocol.credentials import read_token
 
         remote = {"server_cert": args.server_cert, "server_token": read_token(None, args.token_file)}
-    model = CryptoGenForCausalLM.from_pretrained(args.model, server=args.server, settings=args.config, **remote)
+    model = CryptoGenForCausalLM.from_pretrained(args.model, server=args.server, settings=settings, **remote)
     try:
         inputs = tokenizer(args.prompt, return_tensors="pt")
         start = time.perf_counter()
@@ -77,10 +93,12 @@ def _generate(args) -> int:
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None,
             streamer=TextStreamer(tokenizer, skip_prompt=False),
+            **speculative,
         )
         elapsed = time.perf_counter() - start
         new = out.shape[1] - inputs.input_ids.shape[1]
-        print(f"\n[{new} tokens in {elapsed:.1f} s: {elapsed / max(new, 1):.2f} s/token, secure]", file=sys.stderr)
+        passes = model.session.stats()["passes"]
+        print(f"\n[{new} tokens in {elapsed:.1f} s: {elapsed / max(new, 1):.2f} s/token, {passes} secure passes]", file=sys.stderr)
     finally:
         model.close()
     return 0
@@ -99,6 +117,7 @@ def _credentials(args) -> int:
 
 def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     from . import bench, finetune
+    from .cli_common import positive_int
     from .eval import run as eval_run
 
     parser = argparse.ArgumentParser(prog=prog, description="Private text generation (CryptoGen) for HF models.")
@@ -136,6 +155,14 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--config", default=None, help="cryptogen_hf config name or YAML path")
+    g.add_argument("--draft", default=None,
+                   help="speculative decoding: a plaintext draft model folder at this client (same tokenizer), e.g. "
+                        "cryptogen_hf/models/tiny-gpt2-draft")
+    g.add_argument("--prompt-lookup", type=positive_int, default=None, metavar="K",
+                   help="prompt-lookup decoding: draft K tokens from n-grams of the prompt")
+    g.add_argument("--speculative-reveals-acceptance", action="store_true",
+                   help="accept that with --draft or --prompt-lookup the server learns how many drafted tokens each "
+                        "check accepted (generation.speculative_reveals_acceptance)")
     g.set_defaults(func=_generate)
 
     raw = argparse.RawDescriptionHelpFormatter

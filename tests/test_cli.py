@@ -7,6 +7,7 @@ as real processes.
 """
 
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -111,18 +112,48 @@ def test_bad_arguments_are_refused_with_a_reason(tmp_path, tiny_checkpoint, caps
         (["finetune", "--model", tiny_checkpoint, "--train-file", text, "--output-dir", tmp_path / "o",
           "--block-size", 100], "--block-size 100 exceeds the model's context of 64 tokens"),
         (["generate", "--prompt", "Hi"], "give --model PATH (local server) or --server HOST:PORT"),
+        (["generate", "--model", tiny_checkpoint, "--prompt", "Hi", "--prompt-lookup", 2],
+         "add --speculative-reveals-acceptance to accept that"),
+        (["generate", "--model", tiny_checkpoint, "--prompt", "Hi", "--prompt-lookup", 2, "--draft", tiny_checkpoint,
+          "--speculative-reveals-acceptance"], "--draft and --prompt-lookup are two ways to draft tokens: give one"),
+        (["bench", "--model", tiny_checkpoint, "--speculative", tiny_checkpoint, "--prompt-tokens", 40, "--new-tokens", 30],
+         "exceed the model's context of 64"),
     ]
     for args, reason in cases:
         code, _, err = cryptogen_main(capsys, *args)
         assert code == 2 and reason in err, (args, err[-2000:])
 
 
-def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
-    text = tmp_path / "text.txt"
+@pytest.fixture(scope="module")
+def secure_cli_runs(tmp_path_factory, tiny_checkpoint):
+    """The CLI's secure runs, three at once (each its own server; a secure step
+    is half waiting for the peer): `eval --secure` on the tiny GPT-2; `bench`,
+    latency against context, on a LLaMA-architecture model (grouped-query
+    attention); `bench --prefill` on a GPT-2: time to first token, packed and
+    token by token, at each length."""
+    tmp = tmp_path_factory.mktemp("cli-runs")
+    text = tmp / "text.txt"
     text.write_text(TEXT)
-    out = tmp_path / "secure.json"
-    result = cryptogen("eval", "--model", tiny_checkpoint, "--data", text, "--secure",
-                       "--max-tokens", 12, "--window", 8, "--json", out)
+    torch.manual_seed(0)  # as tests/test_sessions.py: bench needs no tokenizer, and a small vocabulary is quicker
+    llama_dir, gpt2_dir = tmp / "tiny-llama", tmp / "tiny-gpt2"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64, vocab_size=300)).save_pretrained(llama_dir)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(gpt2_dir)
+    outs = {"eval": tmp / "secure.json", "latency": tmp / "bench.json", "prefill": tmp / "prefill.json"}
+    commands = {
+        "eval": ("eval", "--model", tiny_checkpoint, "--data", text, "--secure", "--max-tokens", 12, "--window", 8,
+                 "--json", outs["eval"]),
+        "latency": ("bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1, "--out", outs["latency"]),
+        "prefill": ("bench", "--model", gpt2_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7,
+                    "--out", outs["prefill"]),
+    }
+    with ThreadPoolExecutor(len(commands)) as pool:
+        futures = {name: pool.submit(cryptogen, *args) for name, args in commands.items()}
+        return {name: (future.result(), outs[name]) for name, future in futures.items()}
+
+
+def test_eval_secure_perplexity_matches_plaintext(secure_cli_runs, tiny_checkpoint):
+    result, out = secure_cli_runs["eval"]
     assert result.returncode == 0, result.stderr[-3000:]
     secure = json.loads(out.read_text())
     assert secure["secure"] and secure["n_tokens_evaluated"] == 12 and secure["n_tokens_scored"] == 11
@@ -137,22 +168,8 @@ def test_eval_secure_perplexity_matches_plaintext(tmp_path, tiny_checkpoint):
     assert abs(secure["ppl"] - plain.ppl) / plain.ppl < 0.01, (secure["ppl"], plain.ppl)
 
 
-def test_bench_writes_json_and_plot(tmp_path):
-    torch.manual_seed(0)  # as tests/test_sessions.py: bench needs no tokenizer, and a small vocabulary is quicker
-    # Two runs at once (each its own server; a secure step is half waiting for the peer):
-    # latency against context on a LLaMA-architecture model (grouped-query attention), and
-    # --prefill on a GPT-2: time to first token, packed and token by token, at each length.
-    llama_dir, gpt2_dir = tmp_path / "tiny-llama", tmp_path / "tiny-gpt2"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64, vocab_size=300)).save_pretrained(llama_dir)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=300)).save_pretrained(gpt2_dir)
-    out, prefill_out = tmp_path / "bench.json", tmp_path / "prefill.json"
-    with ThreadPoolExecutor(2) as pool:
-        latency = pool.submit(cryptogen, "bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1, "--out", out)
-        prefill = pool.submit(cryptogen, "bench", "--model", gpt2_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7,
-                              "--out", prefill_out)
-        latency, prefill = latency.result(), prefill.result()
-
+def test_bench_writes_json_and_plot(secure_cli_runs):
+    latency, out = secure_cli_runs["latency"]
     assert latency.returncode == 0, latency.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["shape"]["family"] == "llama" and report["shape"]["n_kv_head"] == 2
@@ -162,6 +179,7 @@ def test_bench_writes_json_and_plot(tmp_path):
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
+    prefill, prefill_out = secure_cli_runs["prefill"]
     assert prefill.returncode == 0, prefill.stderr[-3000:]
     report = json.loads(prefill_out.read_text())
     assert [(r["prompt_tokens"], r["path"]) for r in report["rows"]] == [(2, "packed"), (7, "token by token"), (7, "packed")]
@@ -194,6 +212,11 @@ def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint, 
             ClientSession(host, int(port), server_cert=str(creds / "server.pem"), token="z" * 43)
         done = cryptogen(*client, "--token-file", creds / "client.token")
         assert done.returncode == 0, done.stderr[-3000:]
+        # Speculative decoding from the command line (in process: a CLI run costs seconds), the
+        # tiny model drafting for itself, so every drafted token is accepted.
+        code, speculative, err = cryptogen_main(capsys, *client, "--token-file", creds / "client.token",
+                                                "--draft", tiny_checkpoint, "--speculative-reveals-acceptance")
+        assert code == 0, err[-3000:]
     finally:
         server.kill()
         server.wait()
@@ -201,3 +224,7 @@ def test_two_machine_recipe_from_the_readme_over_tls(tmp_path, tiny_checkpoint, 
     ids = tokenizer("The quiet harbour", return_tensors="pt").input_ids
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval().generate(ids, max_new_tokens=3, do_sample=False)
     assert done.stdout.strip().startswith(tokenizer.decode(plain[0]).strip())
+    assert speculative.strip().startswith(tokenizer.decode(plain[0]).strip())
+    # The prompt's pass, then checks of the drafted tokens: fewer than greedy decoding's 3 passes.
+    passes = int(re.search(r"\[3 tokens in .* s/token, (\d+) secure passes\]", err).group(1))
+    assert passes < 3, err[-2000:]

@@ -22,8 +22,18 @@ from cryptogen_hf.protocol.transport import PeerReportedError, TransportError
 from cryptogen_hf.families import UnsupportedArchitectureError
 
 
-def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(server, tiny_checkpoint):
-    proc, live = server
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_checkpoint):
+    """One server for the tests that leave it running, each with sessions of
+    its own (a server per test costs ~8 s of start-up); the tests that kill
+    it or count its worker processes start their own (``server``)."""
+    proc, live = start_server(tiny_checkpoint)
+    yield proc, live
+    stop_server(proc)
+
+def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(shared_server, tiny_checkpoint):
+    proc, live = shared_server
     with pytest.raises(HandshakeError, match="fixed-point settings mismatch"):
         live.session(CryptoGenConfig(fixed_point=FixedPointSettings(activation_bits=10)))
     with pytest.raises(HandshakeError, match="HE parameters mismatch"):
@@ -42,8 +52,8 @@ def test_mismatched_settings_are_refused_at_the_handshake_and_server_survives(se
         model.close()
 
 
-def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlations(server, tiny_checkpoint):
-    _, live = server
+def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlations(shared_server, tiny_checkpoint):
+    _, live = shared_server
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs())
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
@@ -71,12 +81,12 @@ def test_cropped_cache_continues_like_the_cropped_text_with_prepared_correlation
         model.close()
 
 
-def test_bad_requests_are_refused_and_the_session_goes_on(server, tiny_checkpoint):
+def test_bad_requests_are_refused_and_the_session_goes_on(shared_server, tiny_checkpoint):
     """A zero-token pass is refused on the client before anything is sent;
     malformed requests get an error from the server, which keeps serving the
     session; benchmark and diagnostic operations are off unless the server
     was started with --diagnostics; the handshake names no checkpoint."""
-    _, live = server
+    _, live = shared_server
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs())
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     try:
@@ -193,8 +203,8 @@ def test_a_server_with_another_certificate_is_refused_by_the_client(server, tmp_
     assert _children(proc.pid) == []  # the client never sent its token
 
 
-def test_token_only_reveal_gives_greedy_tokens(server, tiny_checkpoint):
-    _, live = server
+def test_token_only_reveal_gives_greedy_tokens(shared_server, tiny_checkpoint):
+    _, live = shared_server
     settings = CryptoGenConfig(mpc=MPCSettings(reveal="token"))
     model = CryptoGenForCausalLM.from_pretrained(tiny_checkpoint, **live.client_kwargs(), settings=settings)
     try:
@@ -256,8 +266,8 @@ def test_concurrent_sessions_are_bounded_by_memory(tiny_checkpoint):
     assert concurrent_session_limit(4, per_session, per_session // 2) == 1  # always one
 
 
-def test_two_secure_models_in_one_process_take_turns(server, tiny_checkpoint):
-    _, live = server
+def test_two_secure_models_in_one_process_take_turns(shared_server, tiny_checkpoint):
+    _, live = shared_server
     plain = GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
     first = CryptoGenForCausalLM.from_pretrained(**live.client_kwargs())
     try:
