@@ -266,6 +266,14 @@ def tls_cost(n_mib: int = 64) -> dict:
     }
 
 
+def write_report(out: Path, result: dict, draw) -> None:
+    """A benchmark's JSON at ``out``, its plot beside it (``draw(png_path)``), and where they went."""
+    out.write_text(json.dumps(result, indent=2))
+    draw(out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"trust model: {result['trust_model']}")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -363,10 +371,7 @@ def run_prefill(args, model, model_dir: Path, settings, crypten, setup_s: float)
         "decode_s_per_token_after_longest_prompt": round(decode_s, 3),
         "rows": rows,
     }
-    out.write_text(json.dumps(result, indent=2))
-    plot_prefill(rows, out.with_suffix(".png"), f"{model_dir.name}, dealer={settings.mpc.dealer}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    print(f"trust model: {result['trust_model']}")
+    write_report(out, result, lambda png: plot_prefill(rows, png, f"{model_dir.name}, dealer={settings.mpc.dealer}"))
     print("| prompt tokens | packed TTFT s | token-by-token TTFT s | speedup |")
     print("|---|---|---|---|")
     for length in lengths:
@@ -517,10 +522,7 @@ def run_speculative(args, model, model_dir: Path, settings, setup_s: float) -> i
         "summary": summary,
         "rows": rows,
     }
-    out.write_text(json.dumps(result, indent=2))
-    plot_speculative(summary, out.with_suffix(".png"), f"{model_dir.name}, draft {Path(args.speculative).name}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    print(f"trust model: {result['trust_model']}")
+    write_report(out, result, lambda png: plot_speculative(summary, png, f"{model_dir.name}, draft {Path(args.speculative).name}"))
     print("| variant | tokens/s | speedup | new tokens per pass | tokens run per new token | same tokens as greedy |")
     print("|---|---|---|---|---|---|")
     for row in summary:
@@ -662,10 +664,7 @@ def run(args) -> int:
     }
     if len(rows) >= 2:
         result["latency_ratio_last_vs_first_context"] = round(rows[-1]["decode_s_per_token"] / rows[0]["decode_s_per_token"], 2)
-    out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"), f"{model_dir.name}, dealer={settings.mpc.dealer}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    print(f"trust model: {result['trust_model']}")
+    write_report(out, result, lambda png: plot(rows, png, f"{model_dir.name}, dealer={settings.mpc.dealer}"))
     print(f"transport: {cipher[1]} {cipher[0]}, {tls['tls_mib_per_s']} MiB/s (plain socket {tls['plain_mib_per_s']} MiB/s)")
     print("| context | cache s/token | of which correlations | recompute s/token | speedup | cache MiB |")
     print("|---|---|---|---|---|---|")

@@ -62,11 +62,14 @@ def _generate(args) -> int:
         local_model_dir(args.model)
     if not (args.tokenizer or args.model):
         raise CLIError("with --server, give --tokenizer PATH (the client needs only the tokenizer)")
+    settings = load_config(args.config)
+    if args.speculative_reveals_acceptance:
+        settings.generation.speculative_reveals_acceptance = True
     speculative = {}
     if args.draft or args.prompt_lookup:
         if args.draft and args.prompt_lookup:
             raise CLIError("--draft and --prompt-lookup are two ways to draft tokens: give one")
-        if not args.speculative_reveals_acceptance:
+        if not settings.generation.speculative_reveals_acceptance:
             raise CLIError("--draft and --prompt-lookup let the server learn how many drafted tokens each check "
                            "accepted (a few bits per check about your text): add --speculative-reveals-acceptance to accept that")
         if args.draft:
@@ -75,8 +78,6 @@ def _generate(args) -> int:
             speculative["assistant_model"] = AutoModelForCausalLM.from_pretrained(local_model_dir(args.draft)).eval()
         else:
             speculative["prompt_lookup_num_tokens"] = args.prompt_lookup
-    settings = load_config(args.config)
-    settings.generation.speculative_reveals_acceptance = args.speculative_reveals_acceptance
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     remote = {}
     if args.server:
@@ -162,7 +163,7 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
                    help="prompt-lookup decoding: draft K tokens from n-grams of the prompt")
     g.add_argument("--speculative-reveals-acceptance", action="store_true",
                    help="accept that with --draft or --prompt-lookup the server learns how many drafted tokens each "
-                        "check accepted (generation.speculative_reveals_acceptance)")
+                        "check accepted (the same as generation.speculative_reveals_acceptance: true in --config)")
     g.set_defaults(func=_generate)
 
     raw = argparse.RawDescriptionHelpFormatter
