@@ -422,13 +422,21 @@ SPECULATIVE_FALLBACK_TEXT = (
 )
 
 
-def measure_generation(model, ids: list[int], new_tokens: int, **options) -> dict:
+def measure_generation(model, ids: list[int], new_tokens: int, prepare_tokens: int = 0, **options) -> dict:
     """One greedy generate() of ``new_tokens`` after ``ids`` in a new conversation:
-    wall time, tokens, and the passes the server ran (asked, not decrypted)."""
+    wall time, tokens, and the passes the server ran (asked, not decrypted).
+    ``prepare_tokens``: first make the correlations of that many decode tokens
+    (``prepare_correlations``, outside the timing), so that generate() runs
+    the online protocol only."""
     from .hf.modeling import EncryptedCache
 
     session = model.session
     cache = EncryptedCache(model)  # a new conversation
+    prepare_s = None
+    if prepare_tokens:
+        start = time.perf_counter()
+        model.prepare_correlations(prepare_tokens)
+        prepare_s = round(time.perf_counter() - start, 3)
     before = session.stats()
     log = _ArrivalLog()
     start = time.perf_counter()
@@ -446,6 +454,7 @@ def measure_generation(model, ids: list[int], new_tokens: int, **options) -> dic
         "tokens_after_first": new_tokens - first_n,
         "passes": passes,
         "tokens_run": after["tokens_processed"] - before["tokens_processed"],
+        "prepare_correlations_s": prepare_s,
     }
 
 
@@ -473,6 +482,10 @@ def run_speculative(args, model, model_dir: Path, settings, setup_s: float) -> i
         # variants rotates from prompt to prompt, so that none always runs on
         # what the previous one left in the pools.
         measure_generation(model, prompts[0], 2)
+        # With --prepare-correlations every run first makes more correlations
+        # than any variant uses (the prompt and k + 1 tokens per new token at the
+        # largest k), so that all of them run online only.
+        prepare = args.prompt_tokens + args.new_tokens * (max(args.draft_tokens) + 1) if args.prepare_correlations else 0
         for p, ids in enumerate(prompts):
             for name, options in variants[p % len(variants):] + variants[: p % len(variants)]:
                 options = dict(options)
@@ -481,7 +494,7 @@ def run_speculative(args, model, model_dir: Path, settings, setup_s: float) -> i
                     draft.generation_config.num_assistant_tokens = k
                     draft.generation_config.num_assistant_tokens_schedule = "constant"
                     draft.generation_config.assistant_confidence_threshold = 0.0
-                row = {"prompt": p, "variant": name, **measure_generation(model, ids, args.new_tokens, **options)}
+                row = {"prompt": p, "variant": name, **measure_generation(model, ids, args.new_tokens, prepare, **options)}
                 rows.append(row)
                 bar.update(1)
                 tqdm.write(json.dumps({k: row[k] for k in ("prompt", "variant", "generate_s", "passes", "tokens_run")}))
@@ -519,6 +532,8 @@ def run_speculative(args, model, model_dir: Path, settings, setup_s: float) -> i
         "prompts": len(prompts),
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "correlations": ("made beforehand for every run (prepare_correlations, not timed): online only"
+                         if args.prepare_correlations else "made when the pools run dry, inside the timing"),
         "summary": summary,
         "rows": rows,
     }
@@ -587,6 +602,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --speculative: drafted tokens per check to try (default 1 2 3)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="with --speculative: prompts (from WikiText-2 test)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=12, help="with --speculative: tokens per prompt")
+    parser.add_argument("--prepare-correlations", action="store_true",
+                        help="with --speculative: make each run's correlated randomness beforehand, outside the timing "
+                             "(what prepare_correlations does while a user is idle): online figures")
     parser.add_argument("--prompt-text", type=Path, default=None,
                         help="with --speculative: text file the prompts are cut from (default: WikiText-2 test, if present)")
     parser.add_argument("--new-tokens", type=positive_int, default=12, help="with --speculative: tokens generated per prompt")
