@@ -317,13 +317,18 @@ def random_batch(data, block_size, batch_size, gen):
 
 
 @torch.no_grad()
+def whole_chunks(data, block_size):
+    """The split as non-overlapping block_size chunks (the tail that does not fill one is dropped)."""
+    n_chunks = (len(data) - 1) // block_size
+    return data[: n_chunks * block_size].view(n_chunks, block_size)
+
+
 def evaluate(model, data, block_size, batch_size):
     """Mean token NLL over non-overlapping chunks of data (the whole split, deterministic)."""
     model.eval()
-    n_chunks = (len(data) - 1) // block_size
-    chunks = data[: n_chunks * block_size].view(n_chunks, block_size)
+    chunks = whole_chunks(data, block_size)
     total, count = 0.0, 0
-    for i in range(0, n_chunks, batch_size):
+    for i in range(0, len(chunks), batch_size):
         x = chunks[i:i + batch_size]
         loss = model(input_ids=x, labels=x).loss  # HF shifts labels internally
         n = x.shape[0] * (block_size - 1)
@@ -350,11 +355,10 @@ def agreement(model, teacher, data, block_size, batch_size):
     split's non-overlapping chunks): a draft's acceptance rate in greedy
     speculative decoding, one token at a time."""
     model.eval()
-    n_chunks = (len(data) - 1) // block_size
-    chunks = data[: n_chunks * block_size].view(n_chunks, block_size)
+    chunks = whole_chunks(data, block_size)
     same = count = 0
     with torch.no_grad():
-        for i in range(0, n_chunks, batch_size):
+        for i in range(0, len(chunks), batch_size):
             x = chunks[i:i + batch_size]
             same += (model(input_ids=x).logits.argmax(-1) == teacher(input_ids=x).logits.argmax(-1)).sum().item()
             count += x.numel()
