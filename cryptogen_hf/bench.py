@@ -21,6 +21,7 @@ arrives (the demo and the quickstart notebook use it for per-token latency).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cli_common import CLIError, add_settings_arguments, local_model_dir, positive_int, settings_from_args
+from .emulated_network import NETWORKS, EmulatedLink
 from .families import family_for_config
 from .protocol import credentials, transport
 
@@ -300,6 +302,39 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("MiB")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_network(rows: list[dict], path: Path, title: str) -> None:
+    """``bench --net``: per context and network, the token's time (online and
+    correlations stacked) and what it moved over the link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['network']}\nctx {r['context']}" for r in rows]
+    x = range(len(rows))
+    online = [r["online_s_per_token"] for r in rows]
+    correlations = [r["correlation_s_per_token"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.bar(x, online, label="online")
+    ax1.bar(x, correlations, bottom=online, label="making correlated randomness")
+    for i, r in enumerate(rows):
+        ax1.annotate(f"{r['decode_s_per_token']:.1f} s", (i, r["decode_s_per_token"]), ha="center", va="bottom")
+    ax1.set_xticks(list(x), labels)
+    ax1.set_ylabel("seconds per generated token")
+    ax1.set_title(title)
+    ax1.legend()
+    ax1.grid(alpha=0.3, axis="y")
+    ax2.bar(x, [r["channel_bytes_per_token"] / 1e6 for r in rows], color="tab:gray")
+    for i, r in enumerate(rows):
+        ax2.annotate(f"{r['mpc_rounds_per_token']:.0f} rounds", (i, r["channel_bytes_per_token"] / 1e6), ha="center", va="bottom")
+    ax2.set_xticks(list(x), labels)
+    ax2.set_ylabel("MB over the link per token")
+    ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -589,6 +624,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-recompute", action="store_true", help="skip the recompute baseline")
     parser.add_argument("--recompute-token-by-token", action="store_true",
                         help="also time the recompute baseline token by token (one token per ciphertext; slow)")
+    parser.add_argument("--net", nargs="+", choices=list(NETWORKS), default=None,
+                        help="run the server in a network namespace of its own behind an emulated link and measure each "
+                             "context under each condition in turn, one session (loopback: unshaped; lan: 1 Gbit/s, "
+                             "0.5 ms round trip; wan: 100 Mbit/s, 40 ms); needs root or CAP_NET_ADMIN")
     parser.add_argument("--prefill", action="store_true",
                         help="measure time to first token against prompt length instead (packed and token by token)")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256, 512],
@@ -637,6 +676,8 @@ def run(args) -> int:
                            f"(model context {context_limit} minus --decode-tokens {args.decode_tokens})")
     if args.prefill and args.speculative:
         raise CLIError("--prefill and --speculative are two different benchmarks: give one")
+    if args.net and (args.prefill or args.speculative):
+        raise CLIError("--net goes with the latency benchmark (--contexts), not with --prefill or --speculative")
     settings = settings_from_args(args)
     if args.speculative:
         if args.prompt_tokens + args.new_tokens + max(args.draft_tokens) > context_limit:
@@ -645,23 +686,50 @@ def run(args) -> int:
         # many drafted tokens each check accepted (the client's choice to make).
         settings.generation.speculative_reveals_acceptance = True
     crypten = import_crypten()
-    start = time.perf_counter()
-    model = CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
-    setup_s = time.perf_counter() - start
-    crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
-    if args.prefill:
-        return run_prefill(args, model, model_dir, settings, crypten, setup_s)
-    if args.speculative:
-        return run_speculative(args, model, model_dir, settings, setup_s)
+    with EmulatedLink() if args.net else contextlib.nullcontext() as link:
+        start = time.perf_counter()
+        model = _model_behind(link, model_dir, settings) if link else CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
+        setup_s = time.perf_counter() - start
+        crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
+        if args.prefill:
+            return run_prefill(args, model, model_dir, settings, crypten, setup_s)
+        if args.speculative:
+            return run_speculative(args, model, model_dir, settings, setup_s)
+        return run_latency(args, model, model_dir, settings, crypten, setup_s, link)
+
+
+def _model_behind(link: EmulatedLink, model_dir: Path, settings):
+    """A secure model whose server runs in ``link``'s namespace, reached through its relay."""
+    from .hf.modeling import CryptoGenForCausalLM, start_local_server
+    from .protocol.session import ClientSession
+
+    proc, port, cert, token = start_local_server(model_dir, settings, host=link.server_host, prefix=link.server_prefix)
+    try:
+        session = ClientSession("127.0.0.1", link.forward(port), settings, server_cert=cert, token=token)
+    except BaseException:
+        proc.kill()
+        raise
+    return CryptoGenForCausalLM.from_session(session, server_process=proc)
+
+
+def run_latency(args, model, model_dir: Path, settings, crypten, setup_s: float, link: EmulatedLink | None) -> int:
+    """Decode latency (and the recompute baseline) at each context; with ``link``,
+    at each context under each of ``args.net``'s network conditions in turn, one
+    session throughout."""
     out = Path(args.out or "results/bench_generation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for context in tqdm(args.contexts, desc="contexts", unit="ctx"):
             recompute = not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
-            rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill,
-                                        args.recompute_token_by_token))
-            tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "decode_s_per_token", "recompute_s_per_token") if k in rows[-1]}))
+            for name in args.net or [None]:
+                link_figures = link.set(NETWORKS[name]) if name else None
+                rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute, args.fill,
+                                            args.recompute_token_by_token))
+                if name:
+                    rows[-1].update(network=name, network_emulated=NETWORKS[name].describe(), network_measured=link_figures)
+                tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "network", "decode_s_per_token", "recompute_s_per_token")
+                                       if k in rows[-1]}))
         cipher = model.session.channel.sock.cipher()
         shape = model.session.shape.to_dict()
     finally:
@@ -680,13 +748,19 @@ def run(args) -> int:
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
         "rows": rows,
     }
-    if len(rows) >= 2:
+    if link is not None:
+        result["network_emulation"] = ("server in a network namespace of its own, linked to the client by a veth pair; "
+                                       "rate: tbf on both ends; round trip: a delay relay on the client's side "
+                                       "(this kernel has no sch_netem); each condition measured on the link before use")
+    elif len(rows) >= 2:
         result["latency_ratio_last_vs_first_context"] = round(rows[-1]["decode_s_per_token"] / rows[0]["decode_s_per_token"], 2)
-    write_report(out, result, lambda png: plot(rows, png, f"{model_dir.name}, dealer={settings.mpc.dealer}"))
+    draw = plot_network if link is not None else plot
+    write_report(out, result, lambda png: draw(rows, png, f"{model_dir.name}, dealer={settings.mpc.dealer}"))
     print(f"transport: {cipher[1]} {cipher[0]}, {tls['tls_mib_per_s']} MiB/s (plain socket {tls['plain_mib_per_s']} MiB/s)")
-    print("| context | cache s/token | of which correlations | recompute s/token | speedup | cache MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| context | network | cache s/token | of which correlations | recompute s/token | speedup | MiB moved/token | rounds/token | cache MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['decode_s_per_token']} | {r['correlation_s_per_token']} | {r.get('recompute_s_per_token', '-')} "
-              f"| {r.get('speedup_cache_vs_recompute', '-')} | {r['cache_bytes'] / 2**20:.1f} |")
+        print(f"| {r['context']} | {r.get('network', 'loopback, one namespace')} | {r['decode_s_per_token']} | {r['correlation_s_per_token']} "
+              f"| {r.get('recompute_s_per_token', '-')} | {r.get('speedup_cache_vs_recompute', '-')} "
+              f"| {r['channel_bytes_per_token'] / 2**20:.1f} | {r['mpc_rounds_per_token']:.0f} | {r['cache_bytes'] / 2**20:.1f} |")
     return 0

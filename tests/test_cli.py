@@ -118,6 +118,8 @@ def test_bad_arguments_are_refused_with_a_reason(tmp_path, tiny_checkpoint, caps
           "--speculative-reveals-acceptance"], "--draft and --prompt-lookup are two ways to draft tokens: give one"),
         (["bench", "--model", tiny_checkpoint, "--speculative", tiny_checkpoint, "--prompt-tokens", 40, "--new-tokens", 30],
          "exceed the model's context of 64"),
+        (["bench", "--model", tiny_checkpoint, "--prefill", "--lengths", 4, "--net", "wan"],
+         "--net goes with the latency benchmark (--contexts), not with --prefill or --speculative"),
     ]
     for args, reason in cases:
         code, _, err = cryptogen_main(capsys, *args)
@@ -129,7 +131,8 @@ def secure_cli_runs(tmp_path_factory, tiny_checkpoint):
     """The CLI's secure runs, three at once (each its own server; a secure step
     is half waiting for the peer): `eval --secure` on the tiny GPT-2; `bench`,
     latency against context, on a LLaMA-architecture model (grouped-query
-    attention); `bench --prefill` on a GPT-2: time to first token, packed and
+    attention), its server in a network namespace of its own, first over an
+    unshaped link, then over the emulated WAN (`--net loopback wan`); `bench --prefill` on a GPT-2: time to first token, packed and
     token by token, at each length."""
     tmp = tmp_path_factory.mktemp("cli-runs")
     text = tmp / "text.txt"
@@ -143,7 +146,8 @@ def secure_cli_runs(tmp_path_factory, tiny_checkpoint):
     commands = {
         "eval": ("eval", "--model", tiny_checkpoint, "--data", text, "--secure", "--max-tokens", 12, "--window", 8,
                  "--json", outs["eval"]),
-        "latency": ("bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1, "--out", outs["latency"]),
+        "latency": ("bench", "--model", llama_dir, "--contexts", 6, "--decode-tokens", 1, "--net", "loopback", "wan",
+                    "--out", outs["latency"]),
         "prefill": ("bench", "--model", gpt2_dir, "--prefill", "--lengths", 2, 7, "--baseline-lengths", 7,
                     "--out", outs["prefill"]),
     }
@@ -173,10 +177,15 @@ def test_bench_writes_json_and_plot(secure_cli_runs):
     assert latency.returncode == 0, latency.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["shape"]["family"] == "llama" and report["shape"]["n_kv_head"] == 2
-    assert report["dealer"] == "none" and [r["context"] for r in report["rows"]] == [6]
+    assert report["dealer"] == "none" and [(r["context"], r["network"]) for r in report["rows"]] == [(6, "loopback"), (6, "wan")]
     for row in report["rows"]:
         assert row["decode_s_per_token"] > 0 and row["recompute_s_per_token"] > 0
         assert row["cache_tokens"] == row["context"] and row["cache_bytes"] > 0
+    # The session really crossed the emulated WAN: the link measured as set, and a
+    # decode step waited on its round trips (the tiny model's step makes hundreds of exchanges).
+    loopback, wan = report["rows"]
+    assert wan["network_measured"]["rtt_ms"] >= 40 and loopback["network_measured"]["rtt_ms"] < 20
+    assert wan["decode_s_per_token"] > loopback["decode_s_per_token"] + 1.0, (loopback, wan)
     assert out.with_suffix(".png").stat().st_size > 10_000
 
     prefill, prefill_out = secure_cli_runs["prefill"]

@@ -181,6 +181,29 @@ def test_corrupted_ciphertext_bytes(setup):
         server.load_ct(b"garbage")
 
 
+def test_uploads_are_seeded_and_results_come_one_prime_lower(setup):
+    """What crosses the wire is smaller, not weaker: the client's uploads are
+    seeded symmetric encryptions (c1 as a seed: about half the bytes) and the
+    server's results are mod-switched to two of the three data primes (about
+    two thirds); both decrypt exactly, and each side accepts only its level."""
+    params, client, server, *_ = setup
+    x = np.arange(params.slot_count) % 5000
+    public_key_bytes = server.serialize_ct(client.encrypt(x))
+    upload = client.encrypt_serialized(x)
+    assert len(upload) < 0.55 * len(public_key_bytes)
+    received = server.load_ct(upload)
+    assert np.array_equal(client.decrypt(received), x)
+
+    mask = np.full(params.slot_count, 7, dtype=np.uint64)
+    result = server.serialize_ct(server.mask_for_client(received, mask))
+    assert len(result) < 0.7 * len(public_key_bytes)
+    assert np.array_equal(client.decrypt(client.load_ct(result)), (x + 7) % params.plain_modulus)
+    with pytest.raises(CiphertextError, match="unexpected modulus level"):
+        client.load_ct(public_key_bytes)  # a data-level ciphertext is not a result
+    with pytest.raises(CiphertextError, match="unexpected modulus level"):
+        server.load_ct(result)  # nor is a result an upload
+
+
 def test_outer_attention_exact(setup):
     params, client, server, plans, _ = setup
     plan, rng, p = plans["outer"], np.random.default_rng(4), params.plain_modulus

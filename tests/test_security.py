@@ -427,7 +427,7 @@ def _real_onehots(session):
     plans, he = session.plans, session.he
     onehot = np.zeros(plans.embed_chunks * plans.embed_chunk, dtype=np.int64)
     onehot[PROMPT[0]] = 1
-    return [he.serialize_ct(he.encrypt(plans.embed.pack_input(c))) for c in onehot.reshape(plans.embed_chunks, -1)]
+    return [he.encrypt_serialized(plans.embed.pack_input(c)) for c in onehot.reshape(plans.embed_chunks, -1)]
 
 
 def _damaged(blob: bytes, how: str) -> bytes:

@@ -62,12 +62,14 @@ def test_replies_are_flooded_and_still_decrypt(pair):
     flooded, _ = server.evaluate(sent, x0, y0, True, AESCounterPRG())
     bare, _ = server.evaluate(sent, x0, y0, True, AESCounterPRG(), flood=False)
     pc = server.primes[0]
-    before, after = client.noise_budget(bare[0]), client.noise_budget(flooded[0])
+    before, after = client.noise_budget(bare[0], reply=False), client.noise_budget(flooded[0])
     # Flooding noise 2**flood_bits must dwarf the products' noise by >= 2**64 ...
     products_noise_bits = pc.flooder.delta_bits - before
     assert flood_bits(pc) - products_noise_bits >= 64, (flood_bits(pc), before)
-    # ... and the flooded reply must still decrypt exactly (budget left, and the shares add up).
+    # ... and the flooded reply, mod-switched to the result level, must still decrypt
+    # exactly (budget left, and the shares add up) and be a third smaller than an operand.
     assert after >= FLOOD_MARGIN_BITS - 2 and after < before - 60
+    assert len(flooded[0]) < 0.7 * len(bare[0])
 
 
 def test_bad_messages_and_keys_are_refused(pair):

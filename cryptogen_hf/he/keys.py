@@ -98,8 +98,13 @@ class _HEBase:
         self.slot_count = params.slot_count
         self.row_size = params.row_size
         # Plaintexts in NTT form must carry the parms_id of the level the
-        # ciphertexts live at (we never mod-switch, so: the first data level).
+        # ciphertexts live at: the first data level (the server computes
+        # there; only results on their way to the client are mod-switched).
         self.parms_id = self.context.first_parms_id()
+        self.result_parms_id = result_parms_id(self.context, self.p)
+        # The level of the ciphertexts this party receives (the server: the
+        # client's uploads; the client: results, see ClientHE).
+        self.received_parms_id = self.parms_id
 
     # -- slot vectors ------------------------------------------------------
     def to_slots(self, values) -> list[int]:
@@ -154,7 +159,7 @@ class _HEBase:
         # SEAL's load checks metadata; check the data as well (coefficients < q_i).
         if not sealapi.is_metadata_valid_for(ct, self.context) or not sealapi.is_valid_for(ct, self.context):
             raise CiphertextError("ciphertext is not valid for this HE context (parameter mismatch or corrupted data)")
-        if ct.parms_id() != self.parms_id:
+        if ct.parms_id() != self.received_parms_id:
             raise CiphertextError("ciphertext is at an unexpected modulus level")
         return ct
 
@@ -205,6 +210,28 @@ class _HEBase:
         return ct.size() * ct.coeff_modulus_size() * ct.poly_modulus_degree() * 8
 
 
+# A result goes to the client at the lowest level whose Delta = q / p is at
+# least 2**40: decryption then stays exact with room to spare (the flooded
+# noise scales to at most Delta / 4; mod switching adds at most N of rounding
+# noise), and every prime dropped is a third less to send at N = 8192.
+RESULT_MIN_DELTA_BITS = 40
+
+
+def result_parms_id(context, plain_modulus: int):
+    """The level results are sent at (see RESULT_MIN_DELTA_BITS)."""
+    data = context.first_context_data()
+    while True:
+        lower = data.next_context_data()
+        if lower is None:
+            return data.parms_id()
+        q = 1
+        for prime in lower.parms().coeff_modulus():
+            q *= prime.value()
+        if (q // plain_modulus).bit_length() - 1 < RESULT_MIN_DELTA_BITS:
+            return data.parms_id()
+        data = lower
+
+
 def ciphertext_size_limit(params: HEParams) -> int:
     """The most bytes one serialized fresh ciphertext takes: two polynomials at
     every prime, plus 1 KiB for SEAL's header (compression only makes it smaller)."""
@@ -234,7 +261,10 @@ class ClientHE(_HEBase):
         self.relin_keys = sealapi.RelinKeys()
         self.keygen.create_relin_keys(self.relin_keys)
         self.encryptor = sealapi.Encryptor(self.context, self.public_key)
+        self._symmetric_encryptor = sealapi.Encryptor(self.context, self._secret_key)
         self.decryptor = sealapi.Decryptor(self.context, self._secret_key)
+        # The client receives only results, which the server mod-switches (ServerHE.mask_for_client).
+        self.received_parms_id = self.result_parms_id
         self._galois_steps: tuple = ()
         self.galois_keys = None
         self._noise_model: NoiseModel | None = None
@@ -243,6 +273,13 @@ class ClientHE(_HEBase):
         ct = sealapi.Ciphertext()
         self.encryptor.encrypt(self.encode(values), ct)
         return ct
+
+    def encrypt_serialized(self, values) -> bytes:
+        """An encryption to send to the server, serialized: symmetric (secret
+        key) and seeded, so c1, a uniform polynomial, travels as the seed SEAL
+        expands it from: half the bytes of a public-key ciphertext. The
+        server's load expands it; its noise is below a public-key encryption's."""
+        return _save_bytes(self._symmetric_encryptor.encrypt_symmetric(self.encode(values)))
 
     def decrypt(self, ct) -> np.ndarray:
         pt = sealapi.Plaintext()
@@ -354,6 +391,9 @@ class ServerHE(_HEBase):
         out = self.encrypt(slots)
         self.evaluator.add_inplace(out, ct)
         self.evaluator.add_inplace(out, self.flooder.noise(os.urandom, self.flooder.flood_bits(RESULT_FLOOD_MARGIN_BITS)))
+        # Then down to the result level (fewer primes, fewer bytes): a public
+        # operation on the already flooded ciphertext, so it hides no less.
+        self.evaluator.mod_switch_to_inplace(out, self.result_parms_id)
         self.masking_s += time.perf_counter() - start
         return out
 

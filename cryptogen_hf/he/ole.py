@@ -7,7 +7,8 @@ cross term ``x0*y1 + x1*y0``, where the server holds (x0, y0) and the client
 elementwise, with BFV:
 
     client -> server   Enc(x1), Enc(y1)                     (its own key)
-    server -> client   Enc(x1*y0 + y1*x0 + R), re-randomised and noise-flooded
+    server -> client   Enc(x1*y0 + y1*x0 + R), re-randomised, noise-flooded,
+                       then mod-switched to two of the three data primes
     client             z = decryption;  share_client = z mod 2**64
     server             share_server = -R mod 2**64
 
@@ -44,7 +45,7 @@ import numpy as np
 import tenseal.sealapi as sealapi
 
 from .flooding import NoiseFlooder, limbs_mod, mulmod, uniform_limbs
-from .keys import CiphertextError, _load_into, _save_bytes
+from .keys import CiphertextError, _load_into, _save_bytes, result_parms_id
 from .params import HEParams
 
 STATISTICAL_BITS = 40  # every mask hides its value up to 2**-40 or better (checked below)
@@ -86,6 +87,7 @@ class _PrimeContext:
         self.evaluator = sealapi.Evaluator(self.context)
         self.n = params.slot_count
         self.flooder = NoiseFlooder(self.context, self.t)
+        self.result_parms_id = result_parms_id(self.context, self.t)  # replies travel one prime lower
 
     def encode(self, values: np.ndarray) -> sealapi.Plaintext:
         pt = sealapi.Plaintext()
@@ -96,13 +98,15 @@ class _PrimeContext:
         """SEAL's serialisation (of a ciphertext, or of a seeded symmetric one)."""
         return _save_bytes(ct)
 
-    def load(self, blob: bytes):
-        """A two-polynomial ciphertext at the data level of this context, validated."""
+    def load(self, blob: bytes, reply: bool = False):
+        """A two-polynomial ciphertext, validated: at the data level of this
+        context (an operand), or at the result level (``reply``: the server's)."""
         try:
             ct = _load_into(sealapi.Ciphertext(), self.context, bytes(blob))
         except Exception as exc:  # SEAL raises on bad headers, sizes, decompression
             raise CiphertextError(f"malformed cross-product ciphertext ({len(blob)} bytes): {exc}") from exc
-        if ct.size() != 2 or ct.parms_id() != self.parms_id or not sealapi.is_valid_for(ct, self.context):
+        level = self.result_parms_id if reply else self.parms_id
+        if ct.size() != 2 or ct.parms_id() != level or not sealapi.is_valid_for(ct, self.context):
             raise CiphertextError("cross-product ciphertext is not valid for its parameters")
         return ct
 
@@ -168,7 +172,7 @@ class OLEClient:
             residues = []
             for j, pc in enumerate(self.primes[:k]):
                 pt = sealapi.Plaintext()
-                self._keys[j][2].decrypt(pc.load(blobs[c * k + j]), pt)
+                self._keys[j][2].decrypt(pc.load(blobs[c * k + j], reply=True), pt)
                 residues.append(np.asarray(pc.encoder.decode_uint64(pt), dtype=np.uint64)[: stop - start])
             share[start:stop] = self._recombine(residues) if wide else residues[0]
         return share
@@ -186,9 +190,10 @@ class OLEClient:
         k = np.floor(frac).astype(np.uint64)
         return acc - k * self._t_low
 
-    def noise_budget(self, blob: bytes, prime: int = 0) -> int:
-        """For tests: the invariant noise budget of one result ciphertext."""
-        return self._keys[prime][2].invariant_noise_budget(self.primes[prime].load(blob))
+    def noise_budget(self, blob: bytes, prime: int = 0, reply: bool = True) -> int:
+        """For tests: the invariant noise budget of one result ciphertext
+        (``reply=False``: of one the server's test control left at the data level)."""
+        return self._keys[prime][2].invariant_noise_budget(self.primes[prime].load(blob, reply=reply))
 
 
 class OLEServer:
@@ -218,7 +223,8 @@ class OLEServer:
     def evaluate(self, blobs: list[bytes], x0: np.ndarray, y0: np.ndarray, wide: bool, prg, flood: bool = True):
         """Enc(x1) * y0 + Enc(y1) * x0 + Enc(R), flooded. Returns (result
         ciphertexts, the server's share -R mod 2**64). ``prg``: the server's
-        AESCounterPRG. ``flood=False`` exists only for the tests' control."""
+        AESCounterPRG. ``flood=False`` exists only for the tests' control: the reply as the
+        products leave it, at the data level (neither flooded nor switched)."""
         n = x0.size
         k = self.n_primes(wide)
         chunks = _chunks(n, self.primes[0].n)
@@ -239,5 +245,8 @@ class OLEServer:
                         pc.evaluator.add_inplace(reply, ct)
                 if flood:
                     pc.evaluator.add_inplace(reply, pc.flooder.noise(prg.random_bytes, flood_bits(pc)))
+                    # Down to the result level (a third fewer bytes), after the flooding:
+                    # a public operation on the flooded reply (keys.RESULT_MIN_DELTA_BITS).
+                    pc.evaluator.mod_switch_to_inplace(reply, pc.result_parms_id)
                 out.append(pc.save(reply))
         return out, np.uint64(0) - R[0]  # -R mod 2**64 is minus R's low limb

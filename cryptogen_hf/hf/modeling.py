@@ -195,9 +195,11 @@ def _no_new_tokens_message(cached: int, given: int) -> str:
     )
 
 
-def _start_local_server(model_path: str, settings: CryptoGenConfig):
-    """Start ``cryptogen serve`` as a child process on loopback; return
-    (process, port, server certificate PEM, token).
+def start_local_server(model_path: str, settings: CryptoGenConfig, *, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()):
+    """Start ``cryptogen serve`` as a child process listening on ``host``
+    (default loopback); return (process, port, server certificate PEM, token).
+    ``prefix`` goes before the command (``cryptogen bench --net`` runs the
+    server in a network namespace of its own with ``ip netns exec NAME``).
 
     The same program a remote deployment runs, so local mode exercises the
     real server (TLS and token included); it loads the weights, this process
@@ -211,6 +213,7 @@ def _start_local_server(model_path: str, settings: CryptoGenConfig):
     # diagnostic operations (timings, memory, cache fills) are on.
     local = CryptoGenConfig.from_dict(settings.to_dict())
     local.server.diagnostics = True
+    # Clients dial loopback (here, or a relay in front of ``host``).
     cert, key = credentials.self_signed_certificate(["127.0.0.1", "localhost"], days=7)
     token = credentials.new_token()
     with tempfile.TemporaryDirectory(prefix="cryptogen-local-") as private:  # mode 0700
@@ -221,7 +224,7 @@ def _start_local_server(model_path: str, settings: CryptoGenConfig):
         local.server.cert_file, local.server.key_file, local.server.tokens_file = map(str, files.values())
         settings_file = Path(private, "settings.yaml")
         local.save(settings_file)
-        command = [sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--port", "0",
+        command = [*prefix, sys.executable, "-m", "cryptogen_hf.cli", "serve", "--model", str(model_path), "--host", host, "--port", "0",
                    "--config", str(settings_file), "--quiet"]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines = queue.Queue()
@@ -317,7 +320,7 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError("server_cert and server_token are for a remote server (server='host:port'); "
                                  "a local server makes its own certificate and token")
             origin = {"checkpoint": str(Path(pretrained_model_name_or_path).resolve())}
-            proc, port, server_cert, server_token = _start_local_server(pretrained_model_name_or_path, settings)
+            proc, port, server_cert, server_token = start_local_server(pretrained_model_name_or_path, settings)
             host = "127.0.0.1"
         else:
             host, _, port_text = server.rpartition(":")
@@ -331,22 +334,24 @@ class CryptoGenForCausalLM(PreTrainedModel, GenerationMixin):
             if proc is not None:
                 proc.kill()
             raise
-        model = cls.from_session(session, origin)
-        model._server_process = proc
+        model = cls.from_session(session, origin, server_process=proc)
         atexit.register(model.close)
         return model
 
     @classmethod
-    def from_session(cls, session, origin: dict | None = None) -> "CryptoGenForCausalLM":
+    def from_session(cls, session, origin: dict | None = None, server_process=None) -> "CryptoGenForCausalLM":
         """The model on an open session (``from_pretrained`` opens one): the
         public config and generation defaults the handshake carried, and
-        ``origin``, where the model is served (what ``save_pretrained`` writes)."""
+        ``origin``, where the model is served (what ``save_pretrained`` writes).
+        ``server_process``: a server started for this model alone (``start_local_server``),
+        stopped by ``close``."""
         # Special token ids as the server's checkpoint has them (the handshake carries them).
         extra = {k: session.generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in session.generation}
         config = CryptoGenModelConfig(shape=session.shape.to_dict(), cryptogen=origin, **extra)
         model = cls(config, session)
         # The checkpoint's generation defaults (generation_config.json), as the server reads them.
         model.generation_config = GenerationConfig.from_dict(session.generation)
+        model._server_process = server_process
         return model.eval()
 
     def save_pretrained(self, save_directory, **kwargs):

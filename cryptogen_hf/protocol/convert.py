@@ -112,7 +112,7 @@ def shares_to_he(party, x, layout, frac_bits: int):
             raise ValueError(f"client sent {len(ciphertexts)} ciphertexts, layout expects {len(masks)}")
         return [party.he.sub_plain(ct, mask) for ct, mask in zip(ciphertexts, masks)]
     slots = layout.pack_input(masked)
-    party.channel.send("to_he.ciphertexts", pack_blobs([party.he.serialize_ct(party.he.encrypt(v)) for v in slots]))
+    party.channel.send("to_he.ciphertexts", pack_blobs([party.he.encrypt_serialized(v) for v in slots]))
     return None
 
 

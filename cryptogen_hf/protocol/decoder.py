@@ -501,7 +501,7 @@ class SecureDecoder:
             one_hot = np.zeros((T, n_chunks * chunk), dtype=np.int64)
             one_hot[np.arange(T), token_ids] = 1
             slots = [v for c in range(n_chunks) for v in io.pack_input(one_hot[:, c * chunk : (c + 1) * chunk])]
-            party.channel.send("embed.onehot", pack_blobs([he.serialize_ct(he.encrypt(v)) for v in slots]))
+            party.channel.send("embed.onehot", pack_blobs([he.encrypt_serialized(v) for v in slots]))
             outs = None
         else:
             blobs = unpack_blobs(party.channel.recv_payload("embed.onehot"))
@@ -698,7 +698,7 @@ class SecureDecoder:
                         for t in range(n_tokens):
                             blocks[t // layout.B] += layout.pack_token(X[t].reshape(-1), t)
                         slots.extend(blocks)
-                blobs.extend(he.serialize_ct(he.encrypt(v)) for v in slots)
+                blobs.extend(he.encrypt_serialized(v) for v in slots)
             party.channel.send("bench.fill", pack_blobs(blobs))
         else:
             blobs = unpack_blobs(party.channel.recv_payload("bench.fill"))
@@ -782,7 +782,7 @@ class SecureDecoder:
             for i, blob in enumerate(blobs):
                 slots = he.decrypt(he.load_ct(blob))
                 slots[self._dropped_slots(blocks[i // 2][1], keep_tokens)] = 0
-                out.append(he.serialize_ct(he.encrypt(slots)))
+                out.append(he.encrypt_serialized(slots))
             party.channel.send("refresh.fresh", pack_blobs(out))
         self.refreshed_blocks += len(blocks)
 

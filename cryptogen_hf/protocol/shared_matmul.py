@@ -86,7 +86,7 @@ def shared_matmul(party, x, y, x_frac_bits: int, y_frac_bits: int):
     right = ColumnProductPlan(heads, c, i, r, he.params)  # Enc(Yz^T) @ Xs^T = (Xs Yz)^T
     if party.is_client:
         slots = left.pack_input(xm) + right.pack_input(ym.transpose(0, 2, 1))
-        party.channel.send("matmul.ciphertexts", pack_blobs([he.serialize_ct(he.encrypt(v)) for v in slots]))
+        party.channel.send("matmul.ciphertexts", pack_blobs([he.encrypt_serialized(v) for v in slots]))
         outs = None
     else:
         blobs = unpack_blobs(party.channel.recv_payload("matmul.ciphertexts"))
