@@ -22,11 +22,12 @@ def test_each_condition_is_what_it_says_and_nothing_is_left_behind():
         back = link.set(NETWORKS["loopback"])  # and back again, on the same relay and echo connection set-up
     assert link.namespace not in namespaces()  # the namespace and its veth pair are gone
 
-    # Lower bounds on delay and upper bounds on rate hold whatever the machine's load.
-    assert figures["wan"]["rtt_ms"] >= NETWORKS["wan"].rtt_ms
-    assert figures["wan"]["mbit_per_s"] <= NETWORKS["wan"].rate_mbit * 1.05
-    assert figures["lan"]["rtt_ms"] >= NETWORKS["lan"].rtt_ms
-    assert figures["lan"]["mbit_per_s"] <= NETWORKS["lan"].rate_mbit * 1.05
+    # The round trips at least what was set (within 10 %: the relay's own share, measured
+    # once at the start, is taken off its delay) and the rates at most: bounds that a
+    # loaded machine only pushes further into.
+    for name in ("lan", "wan"):
+        assert figures[name]["rtt_ms"] >= 0.9 * NETWORKS[name].rtt_ms, figures
+        assert figures[name]["mbit_per_s"] <= 1.05 * NETWORKS[name].rate_mbit, figures
     # Control: unshaped, the same link is far quicker, so the bounds above are the emulation's doing.
     for unshaped in (figures["loopback"], back):
         assert unshaped["rtt_ms"] < NETWORKS["wan"].rtt_ms / 4
