@@ -359,11 +359,12 @@ def plot_prefill(rows: list[dict], path: Path, title: str) -> None:
     packed = [r for r in rows if r["path"] == "packed"]
     components = sorted({k for r in packed for k in r["server_breakdown_s"]}, key=lambda k: -max(r["server_breakdown_s"].get(k, 0) for r in packed))
     bottom = [0.0] * len(packed)
-    labels = [str(r["prompt_tokens"]) for r in packed]
+    x = list(range(len(packed)))  # one bar per prompt length, labelled with it
     for k in components:
         values = [r["server_breakdown_s"].get(k, 0.0) for r in packed]
-        ax2.bar(labels, values, bottom=bottom, label=k)
+        ax2.bar(x, values, bottom=bottom, label=k)
         bottom = [b + v for b, v in zip(bottom, values)]
+    ax2.set_xticks(x, [str(r["prompt_tokens"]) for r in packed])
     ax2.set_xlabel("prompt tokens (packed path)")
     ax2.set_ylabel("seconds (server's clock, by component)")
     ax2.legend(fontsize=7, ncol=2)
