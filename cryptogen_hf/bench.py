@@ -26,6 +26,8 @@ import json
 import os
 import platform
 import resource
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -687,6 +689,9 @@ def run(args) -> int:
         # many drafted tokens each check accepted (the client's choice to make).
         settings.generation.speculative_reveals_acceptance = True
     crypten = import_crypten()
+    if args.net:
+        # A benchmark stopped with SIGTERM still stops its server and removes its namespace.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with EmulatedLink() if args.net else contextlib.nullcontext() as link:
         start = time.perf_counter()
         model = _model_behind(link, model_dir, settings) if link else CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
