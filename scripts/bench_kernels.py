@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The benchmark of the secure engine's building blocks, on one thread.
 
-Sections (--sections, default all three):
+Sections (--sections, default all four):
 
 he       every BFV kernel, in this process (server and client objects side by
          side, one SEAL thread, torch.set_num_threads(1)): decode matvec at
@@ -19,6 +19,9 @@ mpc      softmax (12,1,ctx) and (4,1,ctx) for ctx 64..512, GELU 3072/768,
 convert  shares_to_he / he_to_shares for 768 and 3072 values in the decode
          matvec layouts (MatvecIO) through two processes, with CrypTen's rounds
          and bytes and the side channel's messages and bytes.
+scaling  q.K^T and probs.V over a GPT-2-base inner cache at context 512, its
+         blocks split over 1 and 2 worker processes running at once: what
+         sharding a session's HE over processes could gain here.
 
 Then the goals of the issue (one core) are checked and marked PASS/MISS:
 768x768 decode product <= 0.3 s; 3072x768 <= 0.6 s; q.K^T + probs.V for 12
@@ -57,7 +60,7 @@ from tqdm import tqdm  # noqa: E402
 from cryptogen_hf.mpc.runtime import CLIENT, DEALER_MODES, SERVER, MPCConfig, launch_local, rank_of  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("he", "mpc", "convert")
+SECTIONS = ("he", "mpc", "convert", "scaling")
 CONTEXTS = (64, 128, 256, 512)
 # (label, heads, head_dim); d = heads * head_dim
 BASE = ("gpt2-base", 12, 64)
@@ -266,6 +269,56 @@ def run_he(cases, repeats, bar) -> list[dict]:
     for case in cases:
         bar.set_description(f"he: {case[0]} {case[1:]}")
         rows.append(bench.run(case, repeats))
+        bar.update(1)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Scaling over processes: what sharding one session's HE work over worker
+# processes (tensor-parallel HE, issue 17) could gain on this machine. SEAL
+# holds the GIL, so the shards must be processes.
+# ---------------------------------------------------------------------------
+SCALING_CONTEXT = 512
+SCALING_WORKERS = (1, 2)
+
+
+def _attention_shard(tokens: int, repeats: int, barrier, results) -> None:
+    """One worker process: its own keys and an inner cache of ``tokens`` tokens
+    (its share of the cache blocks), then q.K^T and p.V timed once every
+    worker is ready, so that the shards run at the same time."""
+    torch.set_num_threads(1)
+    case = ("attention", "inner", BASE, tokens)
+    bench = HEBench([case])
+    bench.run(case, 1)  # builds the cache (and warms up)
+    barrier.wait()
+    results.put(bench.run(case, repeats))
+
+
+def run_scaling(repeats, bar) -> list[dict]:
+    """Attention over a GPT-2-base inner cache at context SCALING_CONTEXT,
+    its blocks split evenly over 1 and 2 worker processes that run at once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    rows, alone = [], None
+    for workers in SCALING_WORKERS:
+        bar.set_description(f"scaling: {workers} process(es)")
+        barrier, results = ctx.Barrier(workers), ctx.Queue()
+        tokens = SCALING_CONTEXT // workers
+        procs = [ctx.Process(target=_attention_shard, args=(tokens, repeats, barrier, results)) for _ in range(workers)]
+        for proc in procs:
+            proc.start()
+        shards = [results.get(timeout=1800) for _ in procs]
+        for proc in procs:
+            proc.join()
+        # The sharded kernel takes as long as its slowest shard (the session would add the shards' sums).
+        t = max(value(r, "time_s") for r in shards)
+        alone = t if workers == 1 else alone
+        rows.append(row("scaling", f"attention inner ({BASE[0]}) over {workers} process(es)",
+                        f"H={BASE[1]} dh={BASE[2]} T={SCALING_CONTEXT}, {tokens} tokens each",
+                        time_s=fig(t, "s"), shard_times_s=fig([value(r, "time_s") for r in shards], "s"),
+                        speedup_vs_one_process=fig(alone / t, "x"),
+                        exact=fig(all(value(r, "exact") for r in shards), "bool")))
         bar.update(1)
     return rows
 
@@ -558,6 +611,9 @@ def markdown(rows, goals) -> str:
         f = r["figures"]
         t = value(r, "time_s", value(r, "keygen_s"))
         details = []
+        if "speedup_vs_one_process" in f:
+            details.append(f"shards {', '.join(_fmt_s(x) for x in value(r, 'shard_times_s'))} s; "
+                           f"{value(r, 'speedup_vs_one_process'):.2f}x over one process")
         if "scores_s" in f:
             details.append(f"q.K^T {_fmt_s(value(r, 'scores_s'))} s + p.V {_fmt_s(value(r, 'pv_s'))} s")
         if "encode_weights_s" in f:
@@ -599,7 +655,8 @@ def main(argv=None):
     he_c = he_cases(args.quick) if "he" in sections else []
     mpc_c = mpc_cases(args.quick) if "mpc" in sections else []
     conv_n = convert_cases(args.quick) if "convert" in sections else []
-    total = (len(he_c) + 1 if he_c else 0) + len(mpc_c) * len(dealers) + 2 * len(conv_n)
+    scaling = "scaling" in sections
+    total = (len(he_c) + 1 if he_c else 0) + len(mpc_c) * len(dealers) + 2 * len(conv_n) + (len(SCALING_WORKERS) if scaling else 0)
     rows, failures = [], []
     t_start = time.time()
     with tqdm(total=total, unit="item", dynamic_ncols=True, file=sys.stderr) as bar:
@@ -610,6 +667,8 @@ def main(argv=None):
             steps.append((f"mpc[{dealer}]", lambda d=dealer: run_mpc(d, mpc_c, args.repeats, bar)))
         if conv_n:
             steps.append(("convert", lambda: run_convert(conv_n, args.repeats, bar)))
+        if scaling:
+            steps.append(("scaling", lambda: run_scaling(args.repeats, bar)))
         for label, step in steps:
             try:
                 rows += step()
