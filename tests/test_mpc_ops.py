@@ -263,18 +263,27 @@ def hanging_client_program(role):
 
 
 def test_sampling_inside_mpc_draws_the_inverse_cdf_index_of_a_joint_uniform(run):
-    exact = 0
+    clear_of_boundaries = 0
     for (u, index), row, temperature in zip(run["client"]["samples"], sampling_logits(), SAMPLING_TEMPERATURES):
         assert 0.0 <= u < 1.0
         index = int(index)
         cdf = torch.softmax(row.double() / temperature, -1).cumsum(-1)
-        exact += index == int((cdf[:-1] < u).sum())
-        # The drawn token's interval of the exact CDF holds u, up to the MPC
-        # softmax's error (~1e-3): a token next to the exact one only where u
-        # falls that close to the boundary between them.
+        exact_index = int((cdf[:-1] < u).sum())
+        # The MPC softmax is off by ~1e-3, so where u lies that close to a
+        # boundary of the exact token's CDF interval the neighbour is a fair
+        # draw too (at temperature 4 over 300 tokens the intervals are ~3e-3
+        # wide, so that happens often). Away from the boundaries the index
+        # must be the exact one; near them, u must still lie in the drawn
+        # token's interval up to that error.
+        exact_low = float(cdf[exact_index - 1]) if exact_index > 0 else 0.0
+        if min(u - exact_low, float(cdf[exact_index]) - u) > 2e-3:
+            clear_of_boundaries += 1
+            assert index == exact_index, (u, index, exact_index)
         low = float(cdf[index - 1]) if index > 0 else 0.0
         assert low - 2e-3 <= u <= float(cdf[index]) + 2e-3, (u, index, low, float(cdf[index]))
-    assert exact >= len(SAMPLING_TEMPERATURES) - 3  # off only near a boundary
+    # The low temperatures put almost all mass on a few tokens, so most of
+    # their draws are clear of every boundary: the exact-index check ran.
+    assert clear_of_boundaries >= 3
     us = [u for u, _ in run["client"]["samples"]]
     assert len(set(us)) == len(us) and max(us) - min(us) > 0.3  # fresh randomness for every draw
 
