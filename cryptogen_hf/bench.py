@@ -179,6 +179,9 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
         "cache_bytes": server1["cache_bytes"],
         "cache_tokens": server1["tokens"],
         "server_peak_rss_mb": server1.get("peak_rss_mb"),
+        # The HE helpers' proportional set size: the weights they share with the
+        # session's process count once among all of them.
+        "server_he_helpers_pss_mb": server1.get("he_helpers_pss_mb"),
     }
     server_step = row["server_breakdown_s_per_token"]
     # The transformer blocks alone: the step less the token embedding and LM head
@@ -309,15 +312,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_network(rows: list[dict], path: Path, title: str) -> None:
-    """``bench --net``: per context and network, the token's time (online and
-    correlations stacked) and what it moved over the link."""
+def plot_bars(rows: list[dict], path: Path, title: str) -> None:
+    """``bench --net`` or several ``--he-workers``: per row (context, network,
+    HE workers), the token's time (online and correlations stacked) and what
+    it moved over the link."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['network']}\nctx {r['context']}" for r in rows]
+    several_workers = len({r["he_workers"] for r in rows}) > 1
+    labels = [f"{r.get('network', 'loopback')}\nctx {r['context']}" + (f"\n{r['he_workers']} HE proc." if several_workers else "")
+              for r in rows]
     x = range(len(rows))
     online = [r["online_s_per_token"] for r in rows]
     correlations = [r["correlation_s_per_token"] for r in rows]
@@ -631,6 +637,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the server in a network namespace of its own behind an emulated link and measure each "
                              "context under each condition in turn, one session (loopback: unshaped; lan: 1 Gbit/s, "
                              "0.5 ms round trip; wan: 100 Mbit/s, 40 ms); needs root or CAP_NET_ADMIN")
+    parser.add_argument("--he-workers", type=positive_int, nargs="+", default=[1],
+                        help="processes sharing the server's HE work in each session (server.he_workers); several "
+                             "values: a server and session for each in turn, same run (default 1)")
     parser.add_argument("--prefill", action="store_true",
                         help="measure time to first token against prompt length instead (packed and token by token)")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256, 512],
@@ -660,7 +669,6 @@ def run(args) -> int:
     from transformers import AutoConfig
 
     from .crypten_compat import import_crypten
-    from .hf.modeling import CryptoGenForCausalLM
 
     if args.shape:
         model_dir = random_checkpoint((Path(args.out).parent if args.out else Path("results")) / ".bench_models", args.shape,
@@ -681,7 +689,10 @@ def run(args) -> int:
         raise CLIError("--prefill and --speculative are two different benchmarks: give one")
     if args.net and (args.prefill or args.speculative):
         raise CLIError("--net goes with the latency benchmark (--contexts), not with --prefill or --speculative")
+    if len(args.he_workers) > 1 and (args.prefill or args.speculative):
+        raise CLIError("several --he-workers values go with the latency benchmark (--contexts), not with --prefill or --speculative")
     settings = settings_from_args(args)
+    settings.server.he_workers = args.he_workers[0]
     if args.speculative:
         if args.prompt_tokens + args.new_tokens + max(args.draft_tokens) > context_limit:
             raise CLIError(f"--prompt-tokens + --new-tokens + the largest --draft-tokens exceed the model's context of {context_limit}")
@@ -692,23 +703,26 @@ def run(args) -> int:
     if args.net:
         # A benchmark stopped with SIGTERM still stops its server and removes its namespace.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
     with EmulatedLink() if args.net else contextlib.nullcontext() as link:
+        if not (args.prefill or args.speculative):
+            return run_latency(args, model_dir, settings, crypten, link)
         start = time.perf_counter()
-        model = _model_behind(link, model_dir, settings) if link else CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
+        model = _secure_model(link, model_dir, settings)
         setup_s = time.perf_counter() - start
-        crypten.config.cfg.communicator.verbose = True  # count rounds and bytes (this party's view)
         if args.prefill:
             return run_prefill(args, model, model_dir, settings, crypten, setup_s)
-        if args.speculative:
-            return run_speculative(args, model, model_dir, settings, setup_s)
-        return run_latency(args, model, model_dir, settings, crypten, setup_s, link)
+        return run_speculative(args, model, model_dir, settings, setup_s)
 
 
-def _model_behind(link: EmulatedLink, model_dir: Path, settings):
-    """A secure model whose server runs in ``link``'s namespace, reached through its relay."""
+def _secure_model(link: EmulatedLink | None, model_dir: Path, settings):
+    """A secure model with a local server: on loopback, or with ``link``, in the
+    link's namespace, reached through its relay."""
     from .hf.modeling import CryptoGenForCausalLM, start_local_server
     from .protocol.session import ClientSession
 
+    if link is None:
+        return CryptoGenForCausalLM.from_pretrained(model_dir, settings=settings)
     proc, port, cert, token = start_local_server(model_dir, settings, host=link.server_host, prefix=link.server_prefix)
     try:
         session = ClientSession("127.0.0.1", link.forward(port), settings, server_cert=cert, token=token)
@@ -718,30 +732,42 @@ def _model_behind(link: EmulatedLink, model_dir: Path, settings):
     return CryptoGenForCausalLM.from_session(session, server_process=proc)
 
 
-def run_latency(args, model, model_dir: Path, settings, crypten, setup_s: float, link: EmulatedLink | None) -> int:
+def run_latency(args, model_dir: Path, settings, crypten, link: EmulatedLink | None) -> int:
     """Decode latency (and the recompute baseline) at each context; with ``link``,
     at each context under each of ``args.net``'s network conditions in turn, one
-    session throughout."""
+    session throughout; for each of ``args.he_workers`` in turn, a server and
+    session of its own (the baseline under the first only)."""
     out = Path(args.out or "results/bench_generation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    try:
-        for context in tqdm(args.contexts, desc="contexts", unit="ctx"):
-            recompute = not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
-            networks = args.net or [None]
-            for name in networks:
-                link_figures = link.set(NETWORKS[name]) if name else None
-                # The recompute baseline compares work, not links: under the first condition only.
-                rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute and name == networks[0],
-                                            args.fill, args.recompute_token_by_token))
-                if name:
-                    rows[-1].update(network=name, network_emulated=NETWORKS[name].describe(), network_measured=link_figures)
-                tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "network", "decode_s_per_token", "recompute_s_per_token")
-                                       if k in rows[-1]}))
-        cipher = model.session.channel.sock.cipher()
-        shape = model.session.shape.to_dict()
-    finally:
-        model.close()
+    rows, setup_s = [], {}
+    for workers in args.he_workers:
+        settings.server.he_workers = workers
+        start = time.perf_counter()
+        model = _secure_model(link, model_dir, settings)
+        setup_s[workers] = round(time.perf_counter() - start, 2)
+        try:
+            for context in tqdm(args.contexts, desc=f"contexts, {workers} HE worker(s)", unit="ctx"):
+                recompute = (not args.no_recompute and (args.recompute_contexts is None or context in args.recompute_contexts)
+                             and workers == args.he_workers[0])
+                networks = args.net or [None]
+                for name in networks:
+                    link_figures = link.set(NETWORKS[name]) if name else None
+                    # The recompute baseline compares work, not links: under the first condition only.
+                    rows.append(measure_context(model.session, crypten, context, args.decode_tokens, recompute and name == networks[0],
+                                                args.fill, args.recompute_token_by_token))
+                    rows[-1]["he_workers"] = workers
+                    if name:
+                        rows[-1].update(network=name, network_emulated=NETWORKS[name].describe(), network_measured=link_figures)
+                    tqdm.write(json.dumps({k: rows[-1][k] for k in ("context", "network", "he_workers", "decode_s_per_token",
+                                                                      "recompute_s_per_token") if k in rows[-1]}))
+            cipher = model.session.channel.sock.cipher()
+            shape = model.session.shape.to_dict()
+        finally:
+            model.close()
+    if len(args.he_workers) > 1:
+        first = {(r["context"], r.get("network")): r["decode_s_per_token"] for r in rows if r["he_workers"] == args.he_workers[0]}
+        for r in rows:
+            r["speedup_vs_first_he_workers"] = round(first[(r["context"], r.get("network"))] / r["decode_s_per_token"], 2)
     tls = tls_cost()
     for r in rows:  # an estimate: the measured per-byte cost of TLS times the bytes each token moved
         r["tls_s_per_token_estimate"] = round(tls["tls_extra_s_per_mib"] * r["channel_bytes_per_token"] / 2**20, 3)
@@ -750,7 +776,7 @@ def run_latency(args, model, model_dir: Path, settings, crypten, setup_s: float,
         "shape": shape,
         "dealer": settings.mpc.dealer,
         "trust_model": TRUST_MODELS[settings.mpc.dealer],
-        "session_setup_s": round(setup_s, 2),
+        "session_setup_s_by_he_workers": setup_s,
         "transport": {"protocol": cipher[1], "cipher": cipher[0], **tls},
         "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
@@ -760,15 +786,16 @@ def run_latency(args, model, model_dir: Path, settings, crypten, setup_s: float,
         result["network_emulation"] = ("server in a network namespace of its own, linked to the client by a veth pair; "
                                        "rate: tbf on both ends; round trip: a delay relay on the client's side "
                                        "(this kernel has no sch_netem); each condition measured on the link before use")
-    elif len(rows) >= 2:
-        result["latency_ratio_last_vs_first_context"] = round(rows[-1]["decode_s_per_token"] / rows[0]["decode_s_per_token"], 2)
-    draw = plot_network if link is not None else plot
+    elif len(args.contexts) >= 2:
+        first = [r for r in rows if r["he_workers"] == args.he_workers[0]]
+        result["latency_ratio_last_vs_first_context"] = round(first[-1]["decode_s_per_token"] / first[0]["decode_s_per_token"], 2)
+    draw = plot_bars if link is not None or len(args.he_workers) > 1 else plot
     write_report(out, result, lambda png: draw(rows, png, f"{model_dir.name}, dealer={settings.mpc.dealer}"))
     print(f"transport: {cipher[1]} {cipher[0]}, {tls['tls_mib_per_s']} MiB/s (plain socket {tls['plain_mib_per_s']} MiB/s)")
-    print("| context | network | cache s/token | of which correlations | recompute s/token | speedup | MiB moved/token | rounds/token | cache MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| context | network | HE workers | cache s/token | of which correlations | recompute s/token | speedup | MiB moved/token | rounds/token | cache MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r.get('network', 'loopback, one namespace')} | {r['decode_s_per_token']} | {r['correlation_s_per_token']} "
+        print(f"| {r['context']} | {r.get('network', 'loopback, one namespace')} | {r['he_workers']} | {r['decode_s_per_token']} | {r['correlation_s_per_token']} "
               f"| {r.get('recompute_s_per_token', '-')} | {r.get('speedup_cache_vs_recompute', '-')} "
               f"| {r['channel_bytes_per_token'] / 2**20:.1f} | {r['mpc_rounds_per_token']:.0f} | {r['cache_bytes'] / 2**20:.1f} |")
     return 0

@@ -97,6 +97,11 @@ class ServerSettings:
     max_concurrent_sessions: int = 4
     # Sessions one client (a name in the tokens file) may hold at once.
     max_sessions_per_client: int = 4
+    # Processes that share each session's HE work (server/he_workers.py):
+    # the session's own and he_workers - 1 helpers forked at its start. SEAL
+    # holds the GIL, so one process uses one core; give a session as many as
+    # the cores it may take. Results are the same for any number.
+    he_workers: int = 1
     # TLS certificate and private key (PEM) the server proves itself with,
     # and the tokens file naming the clients it serves
     # (protocol/credentials.py; `cryptogen credentials` makes all three).
@@ -151,7 +156,7 @@ class CryptoGenConfig:
             raise ConfigError("timeouts must be positive")
         if not isinstance(self.server.model_name, str) or len(self.server.model_name) > 200:
             raise ConfigError("server.model_name must be a string of at most 200 characters")
-        for key in ("max_concurrent_sessions", "max_sessions_per_client"):
+        for key in ("max_concurrent_sessions", "max_sessions_per_client", "he_workers"):
             value = getattr(self.server, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"server.{key} must be an integer >= 1, got {value!r}")

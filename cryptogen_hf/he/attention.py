@@ -29,6 +29,7 @@ at that offset (zeros elsewhere); a new ciphertext every B tokens.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -193,6 +194,9 @@ class OuterKVCache:
         return self.min_budget() < threshold_bits
 
 
+_BLOCK_VERSIONS = itertools.count()
+
+
 class InnerKVCache:
     """Server-side container for generated tokens, B tokens per ciphertext.
 
@@ -211,6 +215,10 @@ class InnerKVCache:
         self.B = 2 * self.Bh
         self.model = noise_model
         self.k_cts, self.v_cts = [], []
+        # Per block: a number that changes whenever the block's ciphertexts
+        # do (unique over all caches), so a copy of a block elsewhere (an HE
+        # worker's, server/he_workers.py) can tell it is stale.
+        self.versions = []
         self.est_budget = []  # per block: estimated budget of the weaker of (K, V)
         self._worst_add = []  # per block: budget of the weakest addend
         self._n_addends = []
@@ -271,11 +279,13 @@ class InnerKVCache:
             self.v_cts.append(v_ct)
             self._n_addends.append(1)
             self._worst_add.append(addend_budget)
+            self.versions.append(next(_BLOCK_VERSIONS))
         else:
             he.evaluator.add_inplace(self.k_cts[-1], k_ct)
             he.evaluator.add_inplace(self.v_cts[-1], v_ct)
             self._n_addends[-1] += 1
             self._worst_add[-1] = min(self._worst_add[-1], addend_budget)
+            self.versions[-1] = next(_BLOCK_VERSIONS)
         b = self._worst_add[-1] - math.log2(self._n_addends[-1])
         if len(self.est_budget) < len(self.k_cts):
             self.est_budget.append(b)
@@ -311,6 +321,7 @@ class InnerKVCache:
         self._n_addends = [1] * len(k_cts)
         self._worst_add = [self.model.fresh] * len(k_cts)
         self.est_budget = list(self._worst_add)
+        self.versions = [next(_BLOCK_VERSIONS) for _ in k_cts]
         self.n_tokens = n_tokens
 
     def token_slots(self, t: int) -> np.ndarray:
@@ -336,13 +347,14 @@ class InnerKVCache:
         if not 0 <= n_tokens <= self.n_tokens:
             raise ValueError(f"cannot truncate a cache of {self.n_tokens} tokens to {n_tokens}")
         keep_blocks = -(-n_tokens // self.B)
-        for lst in (self.k_cts, self.v_cts, self.est_budget, self._worst_add, self._n_addends):
+        for lst in (self.k_cts, self.v_cts, self.est_budget, self._worst_add, self._n_addends, self.versions):
             del lst[keep_blocks:]
         self.n_tokens = n_tokens
 
     def replace_block(self, i: int, k_ct, v_ct):
         """After a client-side refresh (mask, decrypt, re-encrypt, unmask)."""
         self.k_cts[i], self.v_cts[i] = k_ct, v_ct
+        self.versions[i] = next(_BLOCK_VERSIONS)
         self._n_addends[i] = 1
         self._worst_add[i] = self.model.fresh - 1  # unmask = one plaintext subtraction
         self.est_budget[i] = self._worst_add[i]
@@ -355,27 +367,44 @@ class InnerKVCache:
         return any(b < threshold_bits for b in self.est_budget)
 
     # -- kernels (server) ---------------------------------------------------------
-    def scores(self, he, q_ct) -> list:
-        """One output ciphertext per block; score (h, t) at slot_offset(t) + h*d_head."""
+    def scores(self, he, q_ct, blocks=None) -> list:
+        """One output ciphertext per block (default all; else the listed ones):
+        score (h, t) at slot_offset(t) + h*d_head."""
         outs = []
-        for k in self.k_cts:
+        for i in range(len(self.k_cts)) if blocks is None else blocks:
             m = sealapi.Ciphertext()
-            he.evaluator.multiply(q_ct, k, m)
+            he.evaluator.multiply(q_ct, self.k_cts[i], m)
             he.evaluator.relinearize_inplace(m, he.relin_keys)
             outs.append(fold(he, m, self.dh, 1))
         return outs
 
     def attend(self, he, p_cts):
         """sum_t p[h,t] V[t,h,:] -> one ciphertext, (h, j) at slot h*d_head + j of row 0."""
+        blocks = range(min(len(p_cts), len(self.v_cts)))
+        return self.attend_finish(he, [self.attend_partial(he, p_cts, blocks)])
+
+    def attend_partial(self, he, p_cts, blocks):
+        """The sum over ``blocks`` of p_cts[j] * V[blocks[j]] (three
+        polynomials: not yet relinearized; None for no blocks). Partial sums
+        over disjoint blocks add up (``attend_finish``), to exactly the one
+        sum: how the blocks are split over processes (server/he_workers.py)."""
         ev = he.evaluator
         acc = None
-        for p, v in zip(p_cts, self.v_cts):
+        for p, i in zip(p_cts, blocks):
             m = sealapi.Ciphertext()
-            ev.multiply(p, v, m)
+            ev.multiply(p, self.v_cts[i], m)
             if acc is None:
                 acc = m
             else:
                 ev.add_inplace(acc, m)
+        return acc
+
+    def attend_finish(self, he, partials):
+        ev = he.evaluator
+        partials = [p for p in partials if p is not None]
+        acc = partials[0]
+        for p in partials[1:]:
+            ev.add_inplace(acc, p)
         ev.relinearize_inplace(acc, he.relin_keys)
         acc = fold(he, acc, self.Bh, self.d)
         ev.add_inplace(acc, he.rotate_columns(acc))

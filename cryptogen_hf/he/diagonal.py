@@ -177,18 +177,21 @@ def fold(he, z, c: int, stride: int):
     return s
 
 
-def baby_giant_sum(he, baby, n1: int, n2: int, diagonal, multiply, finish_giant):
+def baby_giant_sum(he, baby, n1: int, n2: int, diagonal, multiply, finish_giant, giants=None):
     """sum over giant steps g of rot(sum_b baby[b] * diagonal(g, b), g * n1).
 
     The loop both BSGS kernels share (plaintext weight diagonals in matvec,
     encrypted diagonals in attention). ``diagonal(g, b)`` returns the operand
     or None for an all-zero diagonal (skipped); ``multiply(ct, operand)``
     returns the product; ``finish_giant(acc)`` readies a giant-step sum for
-    its rotation (leave NTT form, or relinearize).
+    its rotation (leave NTT form, or relinearize). ``giants``: the giant
+    steps to sum (default all n2): sums over disjoint sets add up to the
+    whole, which is how a product is split over processes (matvec.MatvecWork).
+    Returns None when every diagonal summed is zero.
     """
     ev = he.evaluator
     total = None
-    for g in range(n2):
+    for g in range(n2) if giants is None else giants:
         acc = None
         for b in range(n1):
             operand = diagonal(g, b)

@@ -13,6 +13,7 @@ uniform mask over *all* N slots (the HE -> shares conversion does that).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import numpy as np
 import tenseal.sealapi as sealapi
@@ -151,14 +152,15 @@ class MatvecPlan:
             steps |= set(lay.fold_steps())
         return steps
 
-    def apply(self, he, weights, ct) -> list:
-        """Encrypted x (packed by pack_input) -> list of n_tiles output ciphertexts."""
+    def baby_steps(self, he, ct) -> list:
+        """The n1 rotations of an input ciphertext, each moved to NTT form once."""
+        return [he.to_ntt(ct if b == 0 else he.rotate_rows(ct, b)) for b in range(self.n1)]
+
+    def giant_sum(self, he, baby, tile_weights, tile: int, giants=None):
+        """Tile ``tile``'s sum over ``giants`` (default all) of its giant steps,
+        before the fold; None if all their diagonals are zero."""
         ev = he.evaluator
-        # Baby steps: n1 rotations of the input, each moved to NTT form once.
-        baby = []
-        for b in range(self.n1):
-            r = ct if b == 0 else he.rotate_rows(ct, b)
-            baby.append(he.to_ntt(r))
+
         def multiply_plain(ct, pt):
             prod = sealapi.Ciphertext()
             ev.multiply_plain(ct, pt, prod)
@@ -168,15 +170,18 @@ class MatvecPlan:
             ev.transform_from_ntt_inplace(acc)  # rotations need coefficient form
             return acc
 
-        outs = []
-        for lay, pts in zip(self.tiles, weights):
-            total = baby_giant_sum(he, baby, self.n1, lay.n2, lambda g, b: pts[g][b], multiply_plain, leave_ntt)
-            outs.append(fold(he, total, self.c, self.K))
-        return outs
+        return baby_giant_sum(he, baby, self.n1, self.tiles[tile].n2, lambda g, b: tile_weights[g][b], multiply_plain, leave_ntt, giants)
+
+    def fold_tile(self, he, total):
+        return fold(he, total, self.c, self.K)
+
+    def apply(self, he, weights, ct) -> list:
+        """Encrypted x (packed by pack_input) -> list of n_tiles output ciphertexts."""
+        return MatvecWork.for_pass(self, 1).run(he, [weights], [ct])
 
     def apply_all(self, he, weights, cts) -> list:
         """Every input ciphertext of a pass -> n_tiles outputs each, in order."""
-        return [tile for ct in cts for tile in self.apply(he, weights, ct)]
+        return MatvecWork.for_pass(self, len(cts)).run(he, [weights], cts)
 
     def estimate_budget(self, model, b_in: float) -> float:
         b = model.after_rotate(b_in)  # baby rotation
@@ -230,14 +235,101 @@ class SplitMatvecPlan:
         return self.part.galois_steps()
 
     def apply_all(self, he, weights, cts) -> list:
-        outs = []
-        for g in range(0, len(cts), self.n_inputs):
-            tiles = self.part.apply(he, weights[0], cts[g])
-            for i in range(1, self.n_inputs):
-                for acc, tile in zip(tiles, self.part.apply(he, weights[i], cts[g + i])):
-                    he.evaluator.add_inplace(acc, tile)
-            outs += tiles
-        return outs
+        return MatvecWork.for_pass(self, len(cts)).run(he, weights, cts)
 
     def estimate_budget(self, model, b_in: float) -> float:
         return model.sum_of(self.part.estimate_budget(model, b_in), self.n_inputs)
+
+
+class MatvecWork:
+    """The work of a plaintext-weight product over one or more input
+    ciphertexts, as a list of items that any split of adds up.
+
+    Each output ciphertext (output group ``out``, tile ``tile``) is the fold of
+    a sum, over the terms that feed the group (an input ciphertext and the
+    weights it meets) and the tile's giant steps, of one BSGS block
+    (``baby_giant_sum``). Folding is linear, so the items can be cut into
+    shards, summed apart (``partial_sums``, in a process of its own each) and
+    the partial sums added and folded once (``combine``): the server's HE
+    workers split a product this way (server/he_workers.py). ``run`` does all
+    of it in one process, which is what ``apply_all`` is.
+
+    Covers a pass of a MatvecPlan (a term per input ciphertext), of a
+    SplitMatvecPlan (``n_inputs`` terms per output group, one per part) and
+    the token embedding (a term per vocabulary chunk and token).
+    """
+
+    def __init__(self, plan: MatvecPlan, terms: list[tuple[int, int, int]], n_outputs: int):
+        self.plan = plan  # the MatvecPlan every term uses
+        self.terms = terms  # (input ciphertext, weight set, output group)
+        self.n_outputs = n_outputs
+        self.items = [(k, tile, g) for k in range(len(terms)) for tile, lay in enumerate(plan.tiles) for g in range(lay.n2)]
+
+    @classmethod
+    def for_pass(cls, plan, n_cts: int) -> "MatvecWork":
+        """A pass's n_cts input ciphertexts through ``plan`` (weight set 0, or
+        part i's for a SplitMatvecPlan)."""
+        parts = plan.n_inputs
+        if n_cts % parts:
+            raise ValueError(f"{n_cts} input ciphertexts do not split into groups of {parts}")
+        base = plan.part if isinstance(plan, SplitMatvecPlan) else plan
+        return cls(base, [(i, i % parts, i // parts) for i in range(n_cts)], n_cts // parts)
+
+    @classmethod
+    def for_embedding(cls, plan: MatvecPlan, n_chunks: int, per_chunk: int) -> "MatvecWork":
+        """One-hot rows in n_chunks vocabulary chunks of per_chunk ciphertexts
+        each (chunk c's j-th is input c * per_chunk + j): the outputs of all
+        chunks add up, chunk c meets weight set c."""
+        return cls(plan, [(c * per_chunk + j, c, j) for c in range(n_chunks) for j in range(per_chunk)], per_chunk)
+
+    def shard(self, index: int, n_shards: int) -> range:
+        """Shard ``index`` of ``n_shards``: a contiguous run of items, sizes within one."""
+        n = len(self.items)
+        return range(index * n // n_shards, (index + 1) * n // n_shards)
+
+    def inputs_of(self, items: range) -> list[int]:
+        """The input ciphertexts a shard reads."""
+        return sorted({self.terms[self.items[i][0]][0] for i in items})
+
+    def partial_sums(self, he, weight_sets: list, cts: dict, items: range) -> dict:
+        """{(output group, tile): unfolded partial sum} over ``items``; ``cts``
+        maps input index -> ciphertext (at least ``inputs_of(items)``)."""
+        by_term = defaultdict(lambda: defaultdict(list))  # term -> tile -> giant steps
+        for i in items:
+            k, tile, g = self.items[i]
+            by_term[k][tile].append(g)
+        sums = {}
+        for k, tiles in by_term.items():
+            ct_index, weight_set, out = self.terms[k]
+            baby = self.plan.baby_steps(he, cts[ct_index])
+            for tile, giants in tiles.items():
+                part = self.plan.giant_sum(he, baby, weight_sets[weight_set][tile], tile, giants)
+                if part is not None:
+                    _accumulate(he, sums, (out, tile), part)
+        return sums
+
+    def combine(self, he, partials: list[dict]) -> list:
+        """Add the shards' partial sums and fold: n_tiles outputs per output group, in order."""
+        total = {}
+        for sums in partials:
+            for key, ct in sums.items():
+                _accumulate(he, total, key, ct)
+        outs = []
+        for out in range(self.n_outputs):
+            for tile in range(self.plan.n_tiles):
+                if (out, tile) not in total:
+                    raise ValueError(f"output {out} tile {tile}: every weight diagonal it reads is zero")
+                outs.append(self.plan.fold_tile(he, total[(out, tile)]))
+        return outs
+
+    def run(self, he, weight_sets: list, cts: list) -> list:
+        """The whole product in this process."""
+        everything = range(len(self.items))
+        return self.combine(he, [self.partial_sums(he, weight_sets, dict(enumerate(cts)), everything)])
+
+
+def _accumulate(he, sums: dict, key, ct):
+    if key in sums:
+        he.evaluator.add_inplace(sums[key], ct)
+    else:
+        sums[key] = ct

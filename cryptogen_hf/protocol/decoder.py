@@ -71,6 +71,7 @@ from .layouts import (
 from .randomness import uniform_mod
 from .shared_matmul import shared_matmul
 from .wire import pack_blobs, unpack_blobs
+from ..server.he_workers import HEWorkers
 
 PROTOCOL_VERSION = "cryptogen-decoder/2"
 
@@ -305,13 +306,6 @@ class EncodedLinear:
     verify_plan: MatvecPlan | None = None  # DecoderPlans.verify's plan, if any
     verify_weights: list | None = None  # its pre-encoded plaintexts
 
-    def weights_for(self, he, plan: MatvecPlan) -> list:
-        if plan is self.plan:
-            return self.weights
-        if plan is self.verify_plan:
-            return self.verify_weights
-        return plan.encode_weights(he, self.quantized)
-
 
 class EncodedDecoder:
     """The server's weights, quantised and encoded once as NTT plaintexts."""
@@ -384,6 +378,7 @@ class SecureDecoder:
         fixed_point: FixedPoint,
         encoded: EncodedDecoder | None = None,
         policy: PrefillLayoutPolicy | None = None,
+        he_workers=None,
     ):
         if party.is_server and encoded is None:
             raise ValueError("the server side needs the encoded model")
@@ -392,6 +387,10 @@ class SecureDecoder:
         self.party, self.shape, self.plans, self.fp, self.encoded = party, shape, plans, fixed_point, encoded
         self.wiring = family(shape.family)  # the family's block (cryptogen_hf/families)
         self.policy = policy or PrefillLayoutPolicy(shape, party.he.params)
+        # Server: the processes its HE products run in (server/he_workers.py; one by default).
+        if party.is_server and he_workers is None:
+            he_workers = HEWorkers(party.he, encoded, plans, 1, party.channel.timeout_s)
+        self.he_workers = he_workers
         # Wall-clock seconds per protocol component (this party's view), for
         # the benchmarks' breakdown; reset with timings.clear().
         self.timings = defaultdict(float)
@@ -508,14 +507,8 @@ class SecureDecoder:
             per_chunk = io.ciphertexts
             if len(blobs) != n_chunks * per_chunk:
                 raise ValueError(f"client sent {len(blobs)} embedding ciphertexts, expected {n_chunks * per_chunk}")
-            outs = None
-            for c, weights in enumerate(self.encoded.embed):  # outputs of all chunks add up
-                tiles = [tile for blob in blobs[c * per_chunk : (c + 1) * per_chunk] for tile in plan.apply(he, weights, he.load_ct(blob))]
-                if outs is None:
-                    outs = tiles
-                else:
-                    for acc, tile in zip(outs, tiles):
-                        he.evaluator.add_inplace(acc, tile)
+            # Chunk c's ciphertexts meet wte's chunk c; the outputs of all chunks add up.
+            outs = self.he_workers.matvec(("embed",), [he.load_ct(blob) for blob in blobs])
         learned_positions = party.is_server and self.encoded.wpe is not None
         wpe = self.encoded.wpe[t0 : t0 + T].reshape(-1) if learned_positions else None
         d = self.shape.n_embd
@@ -546,8 +539,12 @@ class SecureDecoder:
         with self.timed(name):
             if party.is_server:
                 enc = self.encoded.lm_head if layer is None else self.encoded.blocks[layer][name]
-                weights = enc.weights_for(party.he, plan)
-                outs = plan.apply_all(party.he, weights, cts)
+                if layer is None:
+                    outs = self.he_workers.matvec(("lm_head",), cts)
+                elif plan is enc.plan or plan is enc.verify_plan:  # weights encoded at load: split over the workers
+                    outs = self.he_workers.matvec(("linear", layer, name, "decode" if plan is enc.plan else "verify"), cts)
+                else:  # a packed pass encodes its weights now, in this process only
+                    outs = plan.apply_all(party.he, plan.encode_weights(party.he, enc.quantized), cts)
                 bias = np.tile(enc.bias, T)
             else:
                 outs, bias = None, None
@@ -629,10 +626,10 @@ class SecureDecoder:
                 for k_ct, v_ct in zip(cts["k"], cts["v"]):
                     cache.inner.append(he, k_ct, v_ct)
                 score_cts = []
-                for i, q_ct in enumerate(cts["q"]):
+                for i, inner_scores in enumerate(self.he_workers.scores(layer, cache.inner, cts["q"])):
                     if outer is not None:
                         score_cts.append(outer.plan.scores(he, cache.outer, cts["q_outer"][i]))
-                    score_cts.extend(cache.inner.scores(he, q_ct))
+                    score_cts.extend(inner_scores)
             else:
                 score_cts = None
         with self.timed("from_he"):
@@ -650,7 +647,7 @@ class SecureDecoder:
                 per_row = len(prob_cts) // rows
                 row_cts = [prob_cts[i * per_row : (i + 1) * per_row] for i in range(rows)]
                 cache = self.caches[layer]
-                out_cts = [cache.inner.attend(party.he, row[outer is not None :]) for row in row_cts]
+                out_cts = self.he_workers.attend(layer, cache.inner, [row[outer is not None :] for row in row_cts])
                 if outer is not None:
                     out_cts += [outer.plan.attend(party.he, cache.outer, row[0]) for row in row_cts]
                 if store_outer is not None:

@@ -52,6 +52,8 @@ from . import credentials, transport
 from ..families import ModelShape
 from .decoder import PREFILL_LAYOUTS, PROTOCOL_VERSION, DecoderPlans, FixedPoint, PrefillLayoutPolicy, SecureDecoder
 from .party import CLIENT, SERVER, Party
+from ..server.he_workers import HEWorkers
+
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +311,13 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
     if config.he.noise_reserve_bits:  # the server's own, more conservative refresh policy
         he.noise_model = dataclasses.replace(he.noise_model, fresh=he.noise_model.fresh - config.he.noise_reserve_bits)
 
+    # The helpers are forked now: before CrypTen's runtime starts any thread.
+    he_workers = HEWorkers(he, hosted.encoded, hosted.plans, config.server.he_workers, config.timeouts.peer_s,
+                           idle_timeout_s=config.timeouts.idle_s + config.timeouts.peer_s)
     runtime.init_party(SERVER, _mpc_config(config), channel)
     try:
         party = Party(SERVER, channel, he)
-        runner = SecureDecoder(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy)
+        runner = SecureDecoder(party, hosted.shape, hosted.plans, hosted.fixed_point, hosted.encoded, policy, he_workers)
         plan = CorrelationPlan()
         while True:
             request = _json(channel.recv_payload("request", timeout_s=config.timeouts.idle_s))
@@ -350,10 +355,13 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                     stats["timings"] = dict(runner.timings)
                     stats["circuit_privacy_s"] = he.masking_s  # re-randomising and flooding what the client decrypts
                     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                    stats["he_workers"] = he_workers.n
+                    stats["he_helpers_pss_mb"] = [round(kib / 1024, 1) for kib in he_workers.memory_kib()]
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":
                 return
     finally:
+        he_workers.close()
         runtime.shutdown()
 
 

@@ -35,6 +35,7 @@ from ..families import ModelShape, family_for_config
 from ..protocol.decoder import DecoderPlans, EncodedDecoder
 from ..protocol.session import fixed_point_from, he_params_from, run_server_session
 from .calibration import norm_pre_scales
+from .processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +146,9 @@ def concurrent_session_limit(configured: int, per_session: int, available: int |
     return max(1, min(configured, available // per_session))
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker if the server process dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: workers end when their client's connection drops
-
-
 def _session_worker(listener: socket.socket, channel: transport.Channel, hosted: HostedModel, config: CryptoGenConfig):
     listener.close()  # the worker serves one client; only the parent accepts
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     channel.timeout_s = config.timeouts.peer_s
     try:
