@@ -179,9 +179,11 @@ def measure_context(session, crypten, context: int, decode_tokens: int, recomput
         "cache_bytes": server1["cache_bytes"],
         "cache_tokens": server1["tokens"],
         "server_peak_rss_mb": server1.get("peak_rss_mb"),
-        # The HE helpers' proportional set size: the weights they share with the
-        # session's process count once among all of them.
+        # The HE helpers' memory: proportional set size (shared pages divided
+        # among their sharers) and private pages (what each adds; the weights it
+        # shares with the session's process are not among them).
         "server_he_helpers_pss_mb": server1.get("he_helpers_pss_mb"),
+        "server_he_helpers_private_mb": server1.get("he_helpers_private_mb"),
     }
     server_step = row["server_breakdown_s_per_token"]
     # The transformer blocks alone: the step less the token embedding and LM head

@@ -34,6 +34,8 @@ def _serve(args) -> int:
         config.server.max_concurrent_sessions = args.max_sessions
     if args.max_sessions_per_client is not None:
         config.server.max_sessions_per_client = args.max_sessions_per_client
+    if args.he_workers is not None:
+        config.server.he_workers = args.he_workers
     for key in ("cert", "key", "tokens"):
         if getattr(args, key):
             setattr(config.server, f"{key}_file", getattr(args, key))
@@ -134,6 +136,8 @@ def build_parser(prog: str = "cryptogen") -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=None, help="sessions served at once (default: the config's, 4)")
     p.add_argument("--max-sessions-per-client", type=int, default=None,
                    help="sessions one client (a name in the tokens file) may hold at once (default: the config's, 4)")
+    p.add_argument("--he-workers", type=int, default=None,
+                   help="processes sharing each session's HE work, one core each (default: the config's, 1)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) the server proves itself with (required)")
     p.add_argument("--key", default=None, help="the certificate's private key (PEM; required)")
     p.add_argument("--tokens", default=None, help="tokens file, one 'NAME TOKEN' per client (required)")

@@ -102,6 +102,11 @@ class ServerSettings:
     # holds the GIL, so one process uses one core; give a session as many as
     # the cores it may take. Results are the same for any number.
     he_workers: int = 1
+    # With he_workers > 1: a product is split over the workers only when the
+    # planners' estimate of its one-process time is at least this many
+    # seconds; smaller ones cost more to ship between processes than they
+    # save (the default is measured on 2 cores: server/he_workers.py).
+    he_split_min_seconds: float = 0.15
     # TLS certificate and private key (PEM) the server proves itself with,
     # and the tokens file naming the clients it serves
     # (protocol/credentials.py; `cryptogen credentials` makes all three).
@@ -163,6 +168,9 @@ class CryptoGenConfig:
         if not isinstance(self.generation.speculative_reveals_acceptance, bool):
             raise ConfigError("generation.speculative_reveals_acceptance must be true or false, got "
                               f"{self.generation.speculative_reveals_acceptance!r}")
+        if isinstance(self.server.he_split_min_seconds, bool) or not isinstance(self.server.he_split_min_seconds, (int, float)) \
+                or self.server.he_split_min_seconds < 0:
+            raise ConfigError(f"server.he_split_min_seconds must be a number >= 0, got {self.server.he_split_min_seconds!r}")
         if not isinstance(self.server.diagnostics, bool):
             raise ConfigError(f"server.diagnostics must be true or false, got {self.server.diagnostics!r}")
         return self

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextStreamer, pipeline
 
 from cryptogen_hf import SHIPPED_DRAFT_DIR, SHIPPED_MODEL_DIR
-from cryptogen_hf.config import CryptoGenConfig, GenerationSettings
+from cryptogen_hf.config import CryptoGenConfig, GenerationSettings, load_config
 from cryptogen_hf.hf.modeling import CryptoGenForCausalLM, EncryptedCache
 
 # Prompts whose greedy continuation (8 tokens, of which the test runs 3; "<" is banned by the
@@ -65,7 +65,14 @@ def plain_model(small_checkpoint):
 
 @pytest.fixture(scope="module")
 def secure_model(small_checkpoint):
-    model = CryptoGenForCausalLM.from_pretrained(small_checkpoint)
+    """Its server splits every HE product of the session over two processes
+    (server/he_workers.py; these products are far too small for that to pay,
+    which is why the default threshold would keep them in one): the tests
+    below hold for tensor-parallel HE too. test_greedy_... runs one process."""
+    settings = load_config(None)
+    settings.server.he_workers = 2
+    settings.server.he_split_min_seconds = 0.0
+    model = CryptoGenForCausalLM.from_pretrained(small_checkpoint, settings=settings)
     yield model
     model.close()
 
@@ -148,6 +155,7 @@ def test_cache_continues_a_conversation_without_recomputing(secure_model, plain_
     out1 = secure_model.generate(first, cache=cache, max_new_tokens=3, do_sample=False)
     assert cache.get_seq_length() == out1.shape[1] - 1  # the last new token is not yet in the cache
     before = session.stats()
+    assert before["he_workers"] == 2 and len(before["he_helpers_private_mb"]) == 1
     assert before["tokens"] == cache.get_seq_length()
     assert cache.nbytes == before["cache_bytes"] > 0
 

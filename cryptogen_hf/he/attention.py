@@ -39,8 +39,10 @@ from .diagonal import Region, WindowLayout, baby_giant_sum, fold, fold_rotations
 from .flooding import RESULT_STATISTICAL_BITS
 
 
-def _apply_encrypted_diagonals(he, lay: WindowLayout, diag_cts, ct_in):
-    """z = sum_k rot(u, k) * D_k with encrypted (pre-rotated) diagonals, then fold."""
+def _encrypted_diagonal_sum(he, lay: WindowLayout, diag_cts, ct_in, giants=None):
+    """sum_k rot(u, k) * D_k with encrypted (pre-rotated) diagonals, over the
+    diagonals of ``giants`` (default all), before the fold; None if all of
+    them are zero. Sums over disjoint giant steps add up exactly to the whole."""
     ev = he.evaluator
     baby = [ct_in if b == 0 else he.rotate_rows(ct_in, b) for b in range(lay.n1)]
 
@@ -54,8 +56,13 @@ def _apply_encrypted_diagonals(he, lay: WindowLayout, diag_cts, ct_in):
         ev.relinearize_inplace(acc, he.relin_keys)
         return acc
 
-    total = baby_giant_sum(he, baby, lay.n1, lay.n2, lambda g, b: diag_cts[g][b], multiply, relinearize)
-    return fold(he, total, lay.c, lay.K)
+    return baby_giant_sum(he, baby, lay.n1, lay.n2, lambda g, b: diag_cts[g][b], multiply, relinearize, giants)
+
+
+# Versions of cache ciphertexts, unique over all caches of the process: a copy
+# of a block elsewhere (an HE worker's, server/he_workers.py) is stale when its
+# version is not the cache's.
+_CACHE_VERSIONS = itertools.count()
 
 
 class OuterAttentionPlan:
@@ -154,11 +161,34 @@ class OuterAttentionPlan:
         return steps
 
     # -- server side -----------------------------------------------------------
+    def layout(self, which: str) -> WindowLayout:
+        """"scores" (q against the key diagonals) or "attend" (p against the value diagonals)."""
+        return self.scores_layout if which == "scores" else self.out_layout
+
+    @staticmethod
+    def diagonals(cache: "OuterKVCache", which: str) -> list:
+        return cache.k_diag if which == "scores" else cache.v_diag
+
+    def partial(self, he, cache: "OuterKVCache", which: str, ct, giants=None):
+        """``which``'s product over the diagonals of ``giants`` (default all),
+        unfolded: partial sums over disjoint giant steps add up
+        (``finish``), which is how the product is split over processes
+        (server/he_workers.py)."""
+        return _encrypted_diagonal_sum(he, self.layout(which), self.diagonals(cache, which), ct, giants)
+
+    def finish(self, he, which: str, partials):
+        partials = [p for p in partials if p is not None]
+        total = partials[0]
+        for p in partials[1:]:
+            he.evaluator.add_inplace(total, p)
+        lay = self.layout(which)
+        return fold(he, total, lay.c, lay.K)
+
     def scores(self, he, cache: "OuterKVCache", q_ct):
-        return _apply_encrypted_diagonals(he, self.scores_layout, cache.k_diag, q_ct)
+        return self.finish(he, "scores", [self.partial(he, cache, "scores", q_ct)])
 
     def attend(self, he, cache: "OuterKVCache", p_ct):
-        return _apply_encrypted_diagonals(he, self.out_layout, cache.v_diag, p_ct)
+        return self.finish(he, "attend", [self.partial(he, cache, "attend", p_ct)])
 
     def estimate_budget(self, model, b_cache: float, which: str = "scores") -> float:
         lay = self.scores_layout if which == "scores" else self.out_layout
@@ -177,6 +207,7 @@ class OuterKVCache:
     def __init__(self, plan: OuterAttentionPlan, k_diag, v_diag, fresh_budget: float):
         self.plan = plan
         self.k_diag, self.v_diag = k_diag, v_diag  # (n2 x n1) nested lists of Ciphertext | None
+        self.version = next(_CACHE_VERSIONS)  # its ciphertexts never change: copies elsewhere match it
         self.n_tokens = plan.T
         self.est_budget = {id(c): fresh_budget for row in k_diag + v_diag for c in row if c is not None}
 
@@ -192,9 +223,6 @@ class OuterKVCache:
 
     def needs_refresh(self, threshold_bits: float) -> bool:
         return self.min_budget() < threshold_bits
-
-
-_BLOCK_VERSIONS = itertools.count()
 
 
 class InnerKVCache:
@@ -215,10 +243,7 @@ class InnerKVCache:
         self.B = 2 * self.Bh
         self.model = noise_model
         self.k_cts, self.v_cts = [], []
-        # Per block: a number that changes whenever the block's ciphertexts
-        # do (unique over all caches), so a copy of a block elsewhere (an HE
-        # worker's, server/he_workers.py) can tell it is stale.
-        self.versions = []
+        self.versions = []  # per block, changed whenever its ciphertexts do (_CACHE_VERSIONS)
         self.est_budget = []  # per block: estimated budget of the weaker of (K, V)
         self._worst_add = []  # per block: budget of the weakest addend
         self._n_addends = []
@@ -279,13 +304,13 @@ class InnerKVCache:
             self.v_cts.append(v_ct)
             self._n_addends.append(1)
             self._worst_add.append(addend_budget)
-            self.versions.append(next(_BLOCK_VERSIONS))
+            self.versions.append(next(_CACHE_VERSIONS))
         else:
             he.evaluator.add_inplace(self.k_cts[-1], k_ct)
             he.evaluator.add_inplace(self.v_cts[-1], v_ct)
             self._n_addends[-1] += 1
             self._worst_add[-1] = min(self._worst_add[-1], addend_budget)
-            self.versions[-1] = next(_BLOCK_VERSIONS)
+            self.versions[-1] = next(_CACHE_VERSIONS)
         b = self._worst_add[-1] - math.log2(self._n_addends[-1])
         if len(self.est_budget) < len(self.k_cts):
             self.est_budget.append(b)
@@ -321,7 +346,7 @@ class InnerKVCache:
         self._n_addends = [1] * len(k_cts)
         self._worst_add = [self.model.fresh] * len(k_cts)
         self.est_budget = list(self._worst_add)
-        self.versions = [next(_BLOCK_VERSIONS) for _ in k_cts]
+        self.versions = [next(_CACHE_VERSIONS) for _ in k_cts]
         self.n_tokens = n_tokens
 
     def token_slots(self, t: int) -> np.ndarray:
@@ -354,7 +379,7 @@ class InnerKVCache:
     def replace_block(self, i: int, k_ct, v_ct):
         """After a client-side refresh (mask, decrypt, re-encrypt, unmask)."""
         self.k_cts[i], self.v_cts[i] = k_ct, v_ct
-        self.versions[i] = next(_BLOCK_VERSIONS)
+        self.versions[i] = next(_CACHE_VERSIONS)
         self._n_addends[i] = 1
         self._worst_add[i] = self.model.fresh - 1  # unmask = one plaintext subtraction
         self.est_budget[i] = self._worst_add[i]

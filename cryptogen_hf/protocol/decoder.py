@@ -579,6 +579,7 @@ class SecureDecoder:
             k_cts, v_cts = kv_io.split(cts)
             if store_outer is not None:
                 self.caches[layer].outer = OuterKVCache(store_outer, k_cts, v_cts, party.he.noise_model.fresh)
+                self.he_workers.place_outer(layer, self.caches[layer].outer)
             else:
                 self.caches[layer].inner.load_blocks(k_cts, v_cts, T)
         q = qkv[:, :d].reshape(T, shape.n_head, dh).permute(1, 0, 2)  # (head, T, dh)
@@ -625,10 +626,11 @@ class SecureDecoder:
                 cache = self.caches[layer]
                 for k_ct, v_ct in zip(cts["k"], cts["v"]):
                     cache.inner.append(he, k_ct, v_ct)
+                outer_scores = self.he_workers.outer(layer, cache.outer, "scores", cts["q_outer"]) if outer is not None else None
                 score_cts = []
                 for i, inner_scores in enumerate(self.he_workers.scores(layer, cache.inner, cts["q"])):
                     if outer is not None:
-                        score_cts.append(outer.plan.scores(he, cache.outer, cts["q_outer"][i]))
+                        score_cts.append(outer_scores[i])
                     score_cts.extend(inner_scores)
             else:
                 score_cts = None
@@ -649,10 +651,11 @@ class SecureDecoder:
                 cache = self.caches[layer]
                 out_cts = self.he_workers.attend(layer, cache.inner, [row[outer is not None :] for row in row_cts])
                 if outer is not None:
-                    out_cts += [outer.plan.attend(party.he, cache.outer, row[0]) for row in row_cts]
+                    out_cts += self.he_workers.outer(layer, cache.outer, "attend", [row[0] for row in row_cts])
                 if store_outer is not None:
                     fresh = party.he.noise_model.fresh
                     cache.outer = OuterKVCache(store_outer, cts["k_diag"], cts["v_diag"], fresh)
+                    self.he_workers.place_outer(layer, cache.outer)
                     cache.inner = self._empty_inner()
             else:
                 out_cts = None
@@ -710,6 +713,7 @@ class SecureDecoder:
                 if outer is not None:
                     k_diag, v_diag = unpack_outer_kv(outer, cts)
                     self.caches[layer].outer = OuterKVCache(outer, k_diag, v_diag, he.noise_model.fresh)
+                    self.he_workers.place_outer(layer, self.caches[layer].outer)
                 else:
                     half = len(cts) // 2
                     self.caches[layer].inner.load_blocks(cts[:half], cts[half:], n_tokens)

@@ -313,7 +313,8 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
 
     # The helpers are forked now: before CrypTen's runtime starts any thread.
     he_workers = HEWorkers(he, hosted.encoded, hosted.plans, config.server.he_workers, config.timeouts.peer_s,
-                           idle_timeout_s=config.timeouts.idle_s + config.timeouts.peer_s)
+                           idle_timeout_s=config.timeouts.idle_s + config.timeouts.peer_s,
+                           min_split_seconds=config.server.he_split_min_seconds)
     runtime.init_party(SERVER, _mpc_config(config), channel)
     try:
         party = Party(SERVER, channel, he)
@@ -356,7 +357,9 @@ def run_server_session(channel: transport.Channel, hosted, config: CryptoGenConf
                     stats["circuit_privacy_s"] = he.masking_s  # re-randomising and flooding what the client decrypts
                     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
                     stats["he_workers"] = he_workers.n
-                    stats["he_helpers_pss_mb"] = [round(kib / 1024, 1) for kib in he_workers.memory_kib()]
+                    helpers = he_workers.memory_kib()
+                    stats["he_helpers_pss_mb"] = [round(m["pss"] / 1024, 1) for m in helpers]
+                    stats["he_helpers_private_mb"] = [round(m["private"] / 1024, 1) for m in helpers]
                 channel.send("stats", json.dumps(stats).encode())
             elif op == "close":
                 return

@@ -51,20 +51,11 @@ import socket
 import struct
 import time
 
-from ..he import InnerKVCache
+from ..he import InnerKVCache, OuterAttentionPlan, OuterKVCache
 from ..he.diagonal import DEFAULT_COSTS
 from ..he.matvec import MatvecWork
 from ..protocol.wire import pack_blobs, unpack_blobs
 from .processes import die_with_parent
-
-
-# A product is split only when the planners' estimate of its one-process time
-# (he/diagonal.py's DEFAULT_COSTS) is at least this. Measured on 2 cores
-# (one session, loopback): GPT-2-base's products (estimates 0.17-4 s)
-# ran 1.4-1.75x faster in two processes; the shipped model's linear layers
-# (estimates 0.05-0.09 s, 50-70 ms measured) ran slower, the serialization
-# and the baby steps both processes repeat outweighing the halved products.
-MIN_SPLIT_SECONDS = 0.15
 
 
 class HEWorkerError(RuntimeError):
@@ -136,14 +127,23 @@ def _recv(sock: socket.socket, timeout_s: float | None, who: str) -> tuple[dict,
 class HEWorkers:
     """The HE work of one session, over this process (worker 0) and n - 1 helpers.
 
-    With n = 1 every method is the plain one-process computation.
+    With n = 1 every method is the plain one-process computation. A product
+    is split only when the planners' estimate of its one-process time
+    (he/diagonal.py's DEFAULT_COSTS) is at least ``min_split_seconds``
+    (``server.he_split_min_seconds``, 0.15 s by default). Measured on 2
+    cores, one session on loopback: GPT-2-base's products (estimates
+    0.17-4 s) ran 1.4-1.75x faster in two processes; the shipped model's
+    linear layers (estimates 0.05-0.09 s, 50-70 ms measured) ran slower, the
+    serialization and the baby steps both processes repeat outweighing the
+    halved products.
     """
 
-    def __init__(self, he, encoded, plans, n_workers: int, timeout_s: float, idle_timeout_s: float | None = None):
+    def __init__(self, he, encoded, plans, n_workers: int, timeout_s: float, idle_timeout_s: float | None = None,
+                 min_split_seconds: float = 0.15):
         if n_workers < 1:
             raise ValueError(f"he_workers must be >= 1, got {n_workers}")
         self.he, self.encoded, self.plans = he, encoded, plans
-        self.n, self.timeout_s = n_workers, timeout_s
+        self.n, self.timeout_s, self.min_split_seconds = n_workers, timeout_s, min_split_seconds
         self.helpers: list[tuple[int, socket.socket]] = []  # (pid, socket) of workers 1..n-1
         self._sent: dict[tuple[int, int, int], int] = {}  # (worker, layer, block) -> version it holds
         for worker in range(1, n_workers):
@@ -155,6 +155,7 @@ class HEWorkers:
                     earlier.close()
                 _helper_main(theirs, worker, n_workers, he, encoded, plans, idle_timeout_s)
             theirs.close()
+            mine.settimeout(timeout_s)  # a send to a helper that stopped reading fails too
             self.helpers.append((pid, mine))
 
     def close(self) -> None:
@@ -180,15 +181,17 @@ class HEWorkers:
     def _send_to(self, worker: int, header: dict, blobs: list[bytes], what: str) -> None:
         try:
             _send(self.helpers[worker - 1][1], header, blobs)
+        except socket.timeout:
+            raise HEWorkerError(f"HE worker {worker} ({what}) did not answer in time") from None
         except OSError as exc:
-            raise HEWorkerError(f"HE worker {worker} ({what}): {exc}") from None
+            raise HEWorkerError(f"HE worker {worker} ({what}) stopped: {exc}") from None
 
     # -- plaintext-weight products
     def matvec(self, key: tuple, cts: list) -> list:
         """The pre-encoded product ``key`` (see ``pre_encoded_product``) of a pass's input ciphertexts."""
         work, weight_sets = pre_encoded_product(self.encoded, self.plans, key, len(cts))
         he, blobs = self.he, {}
-        if work.plan.est_seconds * len(work.terms) < MIN_SPLIT_SECONDS:
+        if self.n == 1 or work.plan.est_seconds * len(work.terms) < self.min_split_seconds:
             return work.run(he, weight_sets, cts)
         for worker in range(1, self.n):
             inputs = work.inputs_of(work.shard(worker, self.n))
@@ -215,7 +218,7 @@ class HEWorkers:
 
     def _split_attention(self, n_products: int) -> bool:
         per_product = DEFAULT_COSTS["mul_ct"] + DEFAULT_COSTS["relin"]
-        return self.n > 1 and n_products * per_product >= MIN_SPLIT_SECONDS
+        return self.n > 1 and n_products * per_product >= self.min_split_seconds
 
     def scores(self, layer: int, cache: InnerKVCache, q_cts: list) -> list[list]:
         """q·Kᵀ for each query ciphertext: one output ciphertext per block, in block order."""
@@ -255,20 +258,75 @@ class HEWorkers:
                 partials[r].append(he.load_ct(blob))
         return [cache.attend_finish(he, row_partials) for row_partials in partials]
 
-    def memory_kib(self) -> list[int]:
-        """Each helper's proportional set size (shared pages divided among their sharers), KiB."""
-        return [_pss_kib(pid) for pid, _ in self.helpers]
+    # -- attention over the outer part (a long prompt's keys and values as diagonals)
+    def _outer_giants(self, worker: int, lay) -> range:
+        return range(worker * lay.n2 // self.n, (worker + 1) * lay.n2 // self.n)
+
+    def _outer_updates_for(self, worker: int, layer: int, cache: OuterKVCache) -> tuple[dict, list[bytes]]:
+        """The diagonals of ``worker``'s giant steps, both products, unless it holds them already."""
+        if self._sent.get((worker, layer, "outer")) == cache.version:
+            return {"layer": layer, "outer": None}, []
+        plan, places, blobs = cache.plan, [], []
+        for which in ("scores", "attend"):
+            diagonals = plan.diagonals(cache, which)
+            for g in self._outer_giants(worker, plan.layout(which)):
+                for b, ct in enumerate(diagonals[g]):
+                    if ct is not None:
+                        places.append([which, g, b])
+                        blobs.append(self.he.serialize_ct(ct))
+        self._sent[(worker, layer, "outer")] = cache.version
+        n1 = plan.scores_layout.n1
+        return {"layer": layer, "outer": {"tokens": plan.T, "n1": n1, "places": places}}, blobs
+
+    def _split_outer(self, cache: OuterKVCache, which: str, n_inputs: int) -> bool:
+        diagonals = cache.plan.diagonals(cache, which)
+        return self._split_attention(n_inputs * sum(ct is not None for row in diagonals for ct in row))
+
+    def place_outer(self, layer: int, cache: OuterKVCache) -> None:
+        """Give each helper its diagonals of a new outer part now (a prompt's
+        pass), so that the first decode step does not wait for them."""
+        if not self._split_outer(cache, "scores", 1):
+            return
+        for worker in range(1, self.n):
+            header, blobs = self._outer_updates_for(worker, layer, cache)
+            self._send_to(worker, {"op": "outer_store", **header}, blobs, "outer_store")
+        self._gather("outer_store")
+
+    def outer(self, layer: int, cache: OuterKVCache, which: str, cts: list) -> list:
+        """``which`` ("scores": q·Kᵀ, "attend": p·V) against the outer part, one output per input ciphertext."""
+        he, plan = self.he, cache.plan
+        if not self._split_outer(cache, which, len(cts)):
+            return [plan.finish(he, which, [plan.partial(he, cache, which, ct)]) for ct in cts]
+        inputs = [he.serialize_ct(ct) for ct in cts]
+        for worker in range(1, self.n):
+            header, blobs = self._outer_updates_for(worker, layer, cache)
+            self._send_to(worker, {"op": "outer", "which": which, "n_inputs": len(cts), **header}, inputs + blobs, "outer")
+        own = self._outer_giants(0, plan.layout(which))
+        partials = [[plan.partial(he, cache, which, ct, own)] for ct in cts]
+        for header, reply in self._gather("outer"):
+            for i, blob in zip(header["present"], reply):
+                partials[i].append(he.load_ct(blob))
+        return [plan.finish(he, which, row) for row in partials]
+
+    def memory_kib(self) -> list[dict]:
+        """Each helper's memory, KiB: "pss", its proportional set size (a page
+        shared by k processes counts 1/k), and "private", the pages it alone
+        holds (what it adds to the machine's use: the weights it shares
+        with the session's process are not among them)."""
+        return [_smaps_rollup_kib(pid) for pid, _ in self.helpers]
 
 
-def _pss_kib(pid: int) -> int:
+def _smaps_rollup_kib(pid: int) -> dict:
+    fields = {}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                name, _, rest = line.partition(":")
+                if name in ("Pss", "Private_Clean", "Private_Dirty"):
+                    fields[name] = int(rest.split()[0])
     except OSError:
         pass
-    return 0
+    return {"pss": fields.get("Pss", 0), "private": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
 
 
 # -- a helper ------------------------------------------------------------------------
@@ -277,7 +335,9 @@ def _helper_main(sock, worker: int, n_workers: int, he, encoded, plans, idle_tim
     silent for ``idle_timeout_s``, the session's own idle limit); never returns."""
     die_with_parent()
     status = 0
-    replicas: dict[int, InnerKVCache] = {}  # layer -> this worker's blocks (others None)
+    # What this helper holds of the cache, per layer: its inner blocks (others
+    # None) and its giant steps' diagonals of the outer part (others None).
+    replicas: dict[str, dict] = {"inner": {}, "outer": {}}
     try:
         while True:
             try:
@@ -297,13 +357,23 @@ def _helper_main(sock, worker: int, n_workers: int, he, encoded, plans, idle_tim
 
 
 def _helper_job(header, blobs, worker, n_workers, he, encoded, plans, replicas) -> tuple[dict, list[bytes]]:
+    """One request of the session's process -> the reply (header, ciphertexts)."""
     op = header["op"]
     if op == "matvec":
         work, weight_sets = pre_encoded_product(encoded, plans, tuple(header["key"]), header["n_cts"])
         cts = {i: he.load_ct(b) for i, b in zip(header["inputs"], blobs)}
         sums = work.partial_sums(he, weight_sets, cts, work.shard(worker, n_workers))
         return {"keys": [list(k) for k in sums]}, [he.serialize_ct(ct) for ct in sums.values()]
-    layer, n_blocks = header["layer"], header["n_blocks"]
+    if op in ("scores", "attend"):
+        return _helper_inner(header, blobs, worker, n_workers, he, plans, replicas["inner"])
+    if op in ("outer", "outer_store"):
+        return _helper_outer(header, blobs, he, plans, replicas["outer"])
+    raise ValueError(f"unknown job {op!r}")
+
+
+def _helper_inner(header, blobs, worker, n_workers, he, plans, replicas) -> tuple[dict, list[bytes]]:
+    """A helper's part of a product against the inner cache: the blocks it owns."""
+    op, layer, n_blocks = header["op"], header["layer"], header["n_blocks"]
     n_own_inputs = header["n_queries"] if op == "scores" else header["n_rows"] * len(_owned_blocks(worker, n_workers, header["n_used"]))
     inputs, updates = blobs[:n_own_inputs], blobs[n_own_inputs:]
     layout = plans.cache_layout
@@ -317,14 +387,36 @@ def _helper_job(header, blobs, worker, n_workers, he, encoded, plans, replicas) 
         own = _owned_blocks(worker, n_workers, n_blocks)
         outs = [ct for blob in inputs for ct in cache.scores(he, he.load_ct(blob), own)]
         return {}, [he.serialize_ct(ct) for ct in outs]
-    if op == "attend":
-        own = _owned_blocks(worker, n_workers, header["n_used"])
-        rows, replies = [], []
-        for r in range(header["n_rows"]):
-            probs = [he.load_ct(b) for b in inputs[r * len(own) : (r + 1) * len(own)]]
-            partial = cache.attend_partial(he, probs, own)
-            if partial is not None:
-                rows.append(r)
-                replies.append(he.serialize_ct(partial))
-        return {"rows": rows}, replies
-    raise ValueError(f"unknown job {op!r}")
+    own = _owned_blocks(worker, n_workers, header["n_used"])
+    rows, replies = [], []
+    for r in range(header["n_rows"]):
+        probs = [he.load_ct(b) for b in inputs[r * len(own) : (r + 1) * len(own)]]
+        partial = cache.attend_partial(he, probs, own)
+        if partial is not None:
+            rows.append(r)
+            replies.append(he.serialize_ct(partial))
+    return {"rows": rows}, replies
+
+
+def _helper_outer(header, blobs, he, plans, replicas) -> tuple[dict, list[bytes]]:
+    """A helper's part of a product against the outer cache: its giant steps' diagonals."""
+    layer, update = header["layer"], header["outer"]
+    n_inputs = header.get("n_inputs", 0)
+    if update is not None:  # a new outer part: this helper's diagonals of it
+        layout = plans.cache_layout
+        plan = OuterAttentionPlan(layout.H, layout.dh, update["tokens"], he.params, update["n1"])
+        empty = {which: [[None] * plan.layout(which).n1 for _ in range(plan.layout(which).n2)] for which in ("scores", "attend")}
+        for (which, g, b), blob in zip(update["places"], blobs[n_inputs:]):
+            empty[which][g][b] = he.load_ct(blob)
+        replicas[layer] = OuterKVCache(plan, empty["scores"], empty["attend"], fresh_budget=0.0)
+    if header["op"] == "outer_store":
+        return {}, []
+    cache, which = replicas[layer], header["which"]
+    present, replies = [], []
+    for i, blob in enumerate(blobs[:n_inputs]):
+        giants = [g for g, row in enumerate(cache.plan.diagonals(cache, which)) if any(ct is not None for ct in row)]
+        partial = cache.plan.partial(he, cache, which, he.load_ct(blob), giants)
+        if partial is not None:
+            present.append(i)
+            replies.append(he.serialize_ct(partial))
+    return {"present": present}, replies
