@@ -127,6 +127,11 @@ def _recv(sock: socket.socket, timeout_s: float | None, who: str) -> tuple[dict,
 class HEWorkers:
     """The HE work of one session, over this process (worker 0) and n - 1 helpers.
 
+    Each split product sends every helper its request, computes this
+    process's share, then reads the helpers' replies in turn. Any error
+    (a helper's, or a timeout) ends the session: replies still in flight
+    would otherwise answer the next request.
+
     With n = 1 every method is the plain one-process computation. A product
     is split only when the planners' estimate of its one-process time
     (he/diagonal.py's DEFAULT_COSTS) is at least ``min_split_seconds``
@@ -145,7 +150,8 @@ class HEWorkers:
         self.he, self.encoded, self.plans = he, encoded, plans
         self.n, self.timeout_s, self.min_split_seconds = n_workers, timeout_s, min_split_seconds
         self.helpers: list[tuple[int, socket.socket]] = []  # (pid, socket) of workers 1..n-1
-        self._sent: dict[tuple[int, int, int], int] = {}  # (worker, layer, block) -> version it holds
+        # (worker, layer, block index or "outer") -> the version of it that worker holds
+        self._sent: dict[tuple, int] = {}
         for worker in range(1, n_workers):
             mine, theirs = socket.socketpair()
             pid = os.fork()
@@ -189,10 +195,11 @@ class HEWorkers:
     # -- plaintext-weight products
     def matvec(self, key: tuple, cts: list) -> list:
         """The pre-encoded product ``key`` (see ``pre_encoded_product``) of a pass's input ciphertexts."""
+        he = self.he
         work, weight_sets = pre_encoded_product(self.encoded, self.plans, key, len(cts))
-        he, blobs = self.he, {}
         if self.n == 1 or work.plan.est_seconds * len(work.terms) < self.min_split_seconds:
             return work.run(he, weight_sets, cts)
+        blobs = {}  # input index -> its bytes, serialized once for all helpers
         for worker in range(1, self.n):
             inputs = work.inputs_of(work.shard(worker, self.n))
             for i in inputs:
@@ -225,7 +232,7 @@ class HEWorkers:
         he, n_blocks = self.he, len(cache.k_cts)
         if not self._split_attention(n_blocks * len(q_cts)):
             return [cache.scores(he, q) for q in q_cts]
-        q_blobs = [he.serialize_ct(q) for q in q_cts] if self.helpers else []
+        q_blobs = [he.serialize_ct(q) for q in q_cts]
         for worker in range(1, self.n):
             header, blobs = self._updates_for(worker, layer, cache)
             self._send_to(worker, {"op": "scores", "n_queries": len(q_cts), **header}, q_blobs + blobs, "scores")
