@@ -254,12 +254,15 @@ def test_server_killed_mid_generation_raises_within_the_timeout(server, tiny_che
 
 
 def test_concurrent_sessions_are_bounded_by_memory(tiny_checkpoint):
-    from cryptogen_hf.server.serve import WORKER_BASE_BYTES, concurrent_session_limit, load_hosted_model, session_memory_estimate
+    from cryptogen_hf.server.serve import (HELPER_BASE_BYTES, WORKER_BASE_BYTES, concurrent_session_limit, load_hosted_model,
+                                           session_memory_estimate)
 
     hosted = load_hosted_model(tiny_checkpoint, CryptoGenConfig(), progress=False)
     per_session = session_memory_estimate(hosted)
     # keys and a full cache of the 2-layer model come on top of the working allowance
     assert WORKER_BASE_BYTES + (1 << 20) < per_session < WORKER_BASE_BYTES + (1 << 30)
+    # Each HE helper adds its own allowance and a copy of its share of the cache.
+    assert session_memory_estimate(hosted, he_workers=3) - per_session > 2 * HELPER_BASE_BYTES + (1 << 20)
     assert concurrent_session_limit(4, per_session, None) == 4  # nothing known: the configured limit
     assert concurrent_session_limit(4, per_session, 100 * per_session) == 4
     assert concurrent_session_limit(4, per_session, 2 * per_session + 1) == 2

@@ -113,18 +113,25 @@ def generation_metadata(path: Path) -> dict:
 # working sets and the correlation pools (a shipped-model worker measures
 # ~0.66 GB RSS, most of it pages shared with the accepting process).
 WORKER_BASE_BYTES = 512 << 20
+# An HE helper's memory of its own (server/he_workers.py; the weights and keys
+# it shares with its session's worker are not in it), beside its copy of its
+# share of the cache: a GPT-2-base helper at context 512 measured 471 MB,
+# about 290 MB of them its half of the cache.
+HELPER_BASE_BYTES = 256 << 20
 
 
-def session_memory_estimate(hosted: HostedModel) -> int:
+def session_memory_estimate(hosted: HostedModel, he_workers: int = 1) -> int:
     """Bytes one more session may take at most: its key bundle, a full
     encrypted cache (every layer's K and V for n_positions tokens, in the
-    larger of the two layouts), and WORKER_BASE_BYTES."""
+    larger of the two layouts), WORKER_BASE_BYTES, and for each of its
+    he_workers - 1 HE helpers HELPER_BASE_BYTES and its share of the cache."""
     from ..protocol.session import cache_ciphertexts_bound
 
     params, shape = hosted.he_params, hosted.shape
     n_steps = len(hosted.plans.galois_steps())
     cache_bytes = cache_ciphertexts_bound(hosted.plans, shape, params) * ciphertext_size_limit(params)
-    return bundle_size_limit(params, n_steps) + cache_bytes + WORKER_BASE_BYTES
+    helpers = (he_workers - 1) * (cache_bytes // he_workers + HELPER_BASE_BYTES)
+    return bundle_size_limit(params, n_steps) + cache_bytes + WORKER_BASE_BYTES + helpers
 
 
 def available_memory() -> int | None:
@@ -233,7 +240,7 @@ def serve(
             "mpc.dealer is 'client': every client sees every activation of this model and can fit its "
             "weights from them; serve this way only a model whose weights are public"
         )
-    per_session = session_memory_estimate(hosted)
+    per_session = session_memory_estimate(hosted, config.server.he_workers)
     max_concurrent = concurrent_session_limit(config.server.max_concurrent_sessions, per_session, available_memory())
     log.info("at most %d sessions at once (configured %d; up to %.0f MiB each)",
              max_concurrent, config.server.max_concurrent_sessions, per_session / 2**20)
