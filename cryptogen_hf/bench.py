@@ -324,24 +324,27 @@ def plot_bars(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     several_workers = len({r["he_workers"] for r in rows}) > 1
-    labels = [f"{r.get('network', 'loopback')}\nctx {r['context']}" + (f"\n{r['he_workers']} HE proc." if several_workers else "")
+    labels = [f"{r.get('network', 'loopback')}\nctx {r['context']}" + (f"\nHE x{r['he_workers']}" if several_workers else "")
               for r in rows]
     x = range(len(rows))
     online = [r["online_s_per_token"] for r in rows]
     correlations = [r["correlation_s_per_token"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.8 * len(rows)), 4.5))
     ax1.bar(x, online, label="online")
     ax1.bar(x, correlations, bottom=online, label="making correlated randomness")
     for i, r in enumerate(rows):
         ax1.annotate(f"{r['decode_s_per_token']:.1f} s", (i, r["decode_s_per_token"]), ha="center", va="bottom")
+    ax1.set_ylim(0, 1.3 * max(r["decode_s_per_token"] for r in rows))  # room for the legend above the bars
     ax1.set_xticks(list(x), labels)
     ax1.set_ylabel("seconds per generated token")
     ax1.set_title(title)
-    ax1.legend()
+    ax1.legend(loc="upper left", ncol=2, fontsize="small")
     ax1.grid(alpha=0.3, axis="y")
     ax2.bar(x, [r["channel_bytes_per_token"] / 1e6 for r in rows], color="tab:gray")
     for i, r in enumerate(rows):
-        ax2.annotate(f"{r['mpc_rounds_per_token']:.0f} rounds", (i, r["channel_bytes_per_token"] / 1e6), ha="center", va="bottom")
+        ax2.annotate(f"{r['mpc_rounds_per_token']:.0f}\nrounds", (i, r["channel_bytes_per_token"] / 1e6), ha="center", va="bottom",
+                     fontsize="small")
+    ax2.set_ylim(0, 1.2 * max(r["channel_bytes_per_token"] for r in rows) / 1e6)
     ax2.set_xticks(list(x), labels)
     ax2.set_ylabel("MB over the link per token")
     ax2.grid(alpha=0.3, axis="y")
