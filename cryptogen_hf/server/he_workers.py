@@ -419,9 +419,9 @@ def _helper_outer(header, blobs, he, plans, replicas) -> tuple[dict, list[bytes]
     if header["op"] == "outer_store":
         return {}, []
     cache, which = replicas[layer], header["which"]
+    giants = [g for g, row in enumerate(cache.plan.diagonals(cache, which)) if any(ct is not None for ct in row)]  # this helper's
     present, replies = [], []
     for i, blob in enumerate(blobs[:n_inputs]):
-        giants = [g for g, row in enumerate(cache.plan.diagonals(cache, which)) if any(ct is not None for ct in row)]
         partial = cache.plan.partial(he, cache, which, he.load_ct(blob), giants)
         if partial is not None:
             present.append(i)
